@@ -1,0 +1,393 @@
+"""Command-line front end: ``python -m ddlib <command> ...`` (also installed as ``ddlib``).
+
+Each command is a thin wrapper over the same library functions the notebooks call. Bad input ends
+with a one-line ``error: ...`` on stderr and exit status 2 (set DDLIB_DEBUG=1 for the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+# Settings that make the offline default dataset finish in minutes; a run prints when it uses them.
+QUICK_DEFAULTS = {"digits": {"iterations": 200}}
+
+
+# ------------------------------------------------------------------------------------------ parser
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="digits", help="digits (offline default) | mnist | mhist | cifar10 | imagefolder")
+    g.add_argument("--data-root", default=None, help="data folder (default: $DDLIB_DATA, else ./data)")
+    g.add_argument("--image-size", type=int, default=None, help="working resolution in pixels (dataset default)")
+
+
+def _add_eval_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    g = p.add_argument_group("evaluation")
+    if model_flag:
+        g.add_argument("--model", default="convnet", help="network (see `ddlib models`)")
+    g.add_argument("--protocol", default=None, help="dc (1000 epochs, DSA) | dc-aug | course (20 epochs, cosine)")
+    g.add_argument("--eval-epochs", type=int, default=None, help="training epochs of each evaluation network")
+    g.add_argument("--num-eval", type=int, default=5, help="evaluation networks (mean ± std over them)")
+    g.add_argument("--eval-model", default=None, help="evaluate with this network instead of --model")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seeds every random draw of the run")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--out", default=None, help="output folder (synset.pt, metrics.json)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddlib", description="Dataset distillation: distil, select, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("datasets", help="list datasets and whether they are found under the data root")
+    p.add_argument("--data-root", default=None)
+
+    sub.add_parser("models", help="list the registered networks")
+    sub.add_parser("methods", help="list the distillation methods and their settings")
+
+    p = sub.add_parser("prepare-mhist", help="unpack the course's MHIST images.zip (or a folder) into <root>/mhist")
+    p.add_argument("source", help="images.zip or a folder of MHIST_*.png")
+    p.add_argument("--annotations", default=None, help="annotations.csv (default: beside the source)")
+    p.add_argument("--data-root", default=None, help="writes <data-root>/mhist/")
+
+    p = sub.add_parser("baseline", help="train on the full training set (the upper bound)")
+    _add_data_flags(p)
+    _add_eval_flags(p)
+    _add_run_flags(p)
+    p.set_defaults(num_eval=1, protocol="course")
+
+    p = sub.add_parser("select", help="a coreset baseline: random, herding or k-center")
+    p.add_argument("--method", default="random", choices=["random", "herding", "kcenter"])
+    p.add_argument("--ipc", type=int, default=10, help="images per class")
+    _add_data_flags(p)
+    _add_eval_flags(p)
+    _add_run_flags(p)
+    p.add_argument("--no-eval", action="store_true", help="only write synset.pt")
+
+    p = sub.add_parser("distill", help="learn a synthetic set")
+    p.add_argument("--method", default="dm", help="dm (more in `ddlib methods`)")
+    p.add_argument("--preset", default=None, help="a method's named settings (e.g. paper)")
+    p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
+    p.add_argument("--iterations", type=int, default=None, help="outer iterations (method default)")
+    p.add_argument("--init", default=None, help="real | noise | uniform | white | black | grey")
+    p.add_argument("--batch-real", type=int, default=None, help="real images per class per iteration")
+    p.add_argument("--lr-img", type=float, default=None, help="learning rate of the synthetic images")
+    p.add_argument("--no-dsa", action="store_true", help="turn off siamese augmentation in the matching")
+    p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (autocast of the network passes)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other method setting, e.g. --set log_every=5")
+    _add_data_flags(p)
+    _add_eval_flags(p)
+    _add_run_flags(p)
+    p.add_argument("--no-eval", action="store_true", help="only write synset.pt")
+    p.add_argument("--no-random-baseline", action="store_true", help="skip the random-subset comparison")
+
+    p = sub.add_parser("evaluate", help="evaluate a synset.pt file")
+    p.add_argument("synset", help="path to synset.pt")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--models", default=None, help="comma-separated networks (default: the one it was made with)")
+    _add_eval_flags(p, model_flag=False)
+    _add_run_flags(p)
+
+    p = sub.add_parser("info", help="describe a synset.pt file")
+    p.add_argument("synset")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _load(args: argparse.Namespace):
+    from ddlib.data import load_dataset
+
+    return load_dataset(args.dataset, root=args.data_root, image_size=args.image_size)
+
+
+def _protocol(args: argparse.Namespace, default: str = "dc"):
+    from ddlib.evaluate import get_protocol
+
+    return get_protocol(args.protocol or default, epochs=args.eval_epochs)
+
+
+def _environment() -> dict[str, Any]:
+    import torch
+
+    import ddlib
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"ddlib": ddlib.__version__, "commit": commit or None, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads()}
+
+
+def _write_metrics(out: Path | None, metrics: dict[str, Any]) -> None:
+    from ddlib.io import save_json
+
+    if out is not None:
+        save_json(metrics, out / "metrics.json")
+        print(f"wrote {out / 'metrics.json'}")
+
+
+def _eval_fields(result, prefix: str = "") -> dict[str, Any]:
+    s = result.summary()
+    keep = ("accuracy_mean", "accuracy_std", "accuracies", "balanced_accuracy_mean", "balanced_accuracy_std",
+            "auc_mean", "auc_std", "train_seconds_mean")
+    return {prefix + k: s[k] for k in keep if k in s}
+
+
+def _pct(result) -> str:
+    return f"{100 * result.accuracy_mean:6.2f} ± {100 * result.accuracy_std:.2f} %"
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from ddlib.data import DatasetNotFoundError, list_datasets, load_dataset, resolve_data_root
+
+    root = resolve_data_root(args.data_root)
+    print(f"data root: {root}")
+    for name in list_datasets():
+        if name == "imagefolder":
+            print(f"  {name:12s} any <path>/train/<class>/*, <path>/test/<class>/* (give --data-root <path>)")
+            continue
+        try:
+            real = load_dataset(name, root=root)
+            counts = real.class_counts.tolist()
+            print(f"  {name:12s} found: {real.train_images.shape[0]} train / {real.test_images.shape[0]} test, "
+                  f"{real.channels}x{real.image_size}x{real.image_size}, {real.num_classes} classes {counts}")
+        except DatasetNotFoundError as exc:
+            print(f"  {name:12s} not found ({str(exc).splitlines()[0]})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ddlib.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from ddlib.methods import get_method, list_methods
+
+    for name in list_methods():
+        cls = get_method(name)
+        settings = ", ".join(f"{f.name}={f.default!r}" for f in fields(cls.Config))
+        presets = ", ".join(sorted(getattr(cls, "PRESETS", {}))) or "none"
+        print(f"{name}: presets [{presets}]\n    {settings}")
+    return 0
+
+
+def cmd_prepare_mhist(args: argparse.Namespace) -> int:
+    from ddlib.data import prepare_mhist, resolve_data_root
+
+    dest = prepare_mhist(args.source, resolve_data_root(args.data_root) / "mhist", annotations=args.annotations)
+    print(f"MHIST ready in {dest}")
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from ddlib.evaluate import evaluate_full
+    from ddlib.utils import resolve_device
+
+    real = _load(args)
+    protocol = _protocol(args, default="course")
+    model = args.eval_model or args.model
+    print(f"{real.name}: full training set ({real.train_images.shape[0]} images), {model}, {protocol.describe()}")
+    result = evaluate_full(real, model=model, protocol=protocol, num_eval=args.num_eval, seed=args.seed,
+                           device=resolve_device(args.device))
+    print(f"full-data accuracy: {_pct(result)}; {result.train_seconds[0]:.1f} s per network; "
+          f"{result.flops_per_image / 1e6:.2f} MFLOP per image (FLOP = 2 x MAC), "
+          f"{result.train_flops / 1e12:.2f} TFLOP per training run")
+    metrics = {"method": "full", "dataset": real.name, "ipc": None, "model": model, "seed": args.seed,
+               "num_eval": args.num_eval, "eval_epochs": protocol.epochs, "protocol": protocol.name,
+               **_eval_fields(result), "flops_per_image": result.flops_per_image, "train_flops": result.train_flops,
+               "peak_memory_bytes": result.peak_memory_bytes, "environment": _environment()}
+    _write_metrics(Path(args.out) if args.out else None, metrics)
+    return 0
+
+
+def _evaluate_and_report(synset, real, args, protocol, out: Path | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate ``synset`` and a random real subset of the same size the same way; print and save both."""
+    from ddlib.evaluate import evaluate_synset
+    from ddlib.methods.coreset import select_random
+    from ddlib.utils import resolve_device
+
+    device = resolve_device(args.device)
+    model = args.eval_model or synset.meta.get("config", {}).get("model", "convnet")
+    metrics = dict(extra)
+    metrics.update(model=model, num_eval=args.num_eval, eval_epochs=protocol.epochs, protocol=protocol.name)
+    if not getattr(args, "no_eval", False):
+        print(f"evaluating on {model}: {args.num_eval} networks, {protocol.describe()}")
+        result = evaluate_synset(synset, real, model=model, protocol=protocol, num_eval=args.num_eval,
+                                 seed=args.seed, device=device)
+        metrics.update(_eval_fields(result), flops_per_image=result.flops_per_image)
+        line = f"{synset.meta.get('method', 'synset')} accuracy: {_pct(result)}"
+        if not getattr(args, "no_random_baseline", False) and synset.meta.get("method") != "random":
+            ipc = synset.images_per_class
+            baseline = select_random(real, ipc, seed=args.seed)
+            random_result = evaluate_synset(baseline, real, model=model, protocol=protocol, num_eval=args.num_eval,
+                                            seed=args.seed, device=device)
+            metrics.update(_eval_fields(random_result, prefix="random_"))
+            line += f"   |   random real subset ({ipc}/class): {_pct(random_result)}"
+        print(line)
+    metrics["environment"] = _environment()
+    _write_metrics(out, metrics)
+    return metrics
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from ddlib.methods.coreset import select
+    from ddlib.utils import resolve_device
+
+    real = _load(args)
+    kwargs = {} if args.method == "random" else {"model": args.model, "device": resolve_device(args.device)}
+    synset = select(args.method, real, args.ipc, seed=args.seed, **kwargs)
+    out = Path(args.out) if args.out else None
+    if out:
+        synset.save(out / "synset.pt")
+        print(f"wrote {out / 'synset.pt'}")
+    extra = {"method": args.method, "dataset": real.name, "ipc": args.ipc, "seed": args.seed}
+    _evaluate_and_report(synset, real, args, _protocol(args), out, extra)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ddlib.methods import distill, make_config
+    from ddlib.utils import resolve_device
+
+    real = _load(args)
+    overrides = dict(ipc=args.ipc, iterations=args.iterations, init=args.init, batch_real=args.batch_real,
+                     lr_img=args.lr_img, model=args.model, precision=args.precision, **_parse_sets(args.set))
+    if args.no_dsa:
+        overrides["dsa"] = False
+    for key, value in QUICK_DEFAULTS.get(real.name, {}).items():
+        if overrides.get(key) is None and args.preset is None:
+            overrides[key] = value
+            print(f"{key} = {value} (quick default for {real.name}; pass --{key} to change)")
+    cfg = make_config(args.method, args.preset, **overrides)
+    device = resolve_device(args.device)
+    protocol = _protocol(args)
+    print(f"{args.method} on {real.name} ({real.channels}x{real.image_size}x{real.image_size}, "
+          f"{real.num_classes} classes), {cfg.ipc} images/class, {cfg.iterations} iterations, {cfg.model}, {device}")
+    synset = distill(args.method, real, cfg, seed=args.seed, device=device)
+    synset.meta["protocol"] = asdict(protocol)
+    out = Path(args.out) if args.out else None
+    if out:
+        synset.save(out / "synset.pt")
+        print(f"wrote {out / 'synset.pt'}")
+    meta = synset.meta
+    print(f"distilled in {meta['distill_seconds']:.1f} s ({meta['seconds_per_iteration']:.3f} s/iteration), "
+          f"peak memory {meta['peak_memory_bytes'] / 2**20:.0f} MiB")
+    extra = {"method": args.method, "dataset": real.name, "ipc": cfg.ipc, "iterations": cfg.iterations,
+             "seed": args.seed, "distill_seconds": meta["distill_seconds"],
+             "seconds_per_iteration": meta["seconds_per_iteration"], "peak_memory_bytes": meta["peak_memory_bytes"],
+             "device": str(device), "config": cfg.to_dict(), "final_loss": (meta["history"].get("loss") or [None])[-1]}
+    _evaluate_and_report(synset, real, args, protocol, out, extra)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ddlib.data import load_dataset
+    from ddlib.evaluate import Protocol, evaluate_synset, get_protocol
+    from ddlib.synset import SyntheticSet
+    from ddlib.utils import resolve_device
+
+    synset = SyntheticSet.load(args.synset)
+    made_for = synset.meta.get("dataset", {})
+    name = made_for.get("name")
+    if not name:
+        raise ValueError(f"{args.synset} does not say which dataset it was made from; it cannot be evaluated")
+    real = load_dataset(name, root=args.data_root, image_size=made_for.get("image_size"))
+    stored = synset.meta.get("protocol")
+    base = args.protocol or (Protocol(**stored) if isinstance(stored, dict) else "dc")
+    protocol = get_protocol(base, epochs=args.eval_epochs)
+    models = (args.models or args.eval_model or synset.meta.get("config", {}).get("model", "convnet")).split(",")
+    device = resolve_device(args.device)
+    rows = {}
+    for model in models:
+        result = evaluate_synset(synset, real, model=model, protocol=protocol, num_eval=args.num_eval,
+                                 seed=args.seed, device=device)
+        rows[model] = {**_eval_fields(result), "flops_per_image": result.flops_per_image}
+        print(f"{model:12s} {_pct(result)}")
+    metrics = {"synset": str(args.synset), "method": synset.meta.get("method"), "dataset": name,
+               "ipc": synset.images_per_class, "seed": args.seed, "num_eval": args.num_eval,
+               "eval_epochs": protocol.epochs, "protocol": protocol.name, "models": rows}
+    if len(models) == 1:
+        metrics.update(model=models[0], **rows[models[0]])
+    metrics["environment"] = _environment()
+    _write_metrics(Path(args.out) if args.out else None, metrics)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ddlib.synset import SyntheticSet
+
+    synset = SyntheticSet.load(args.synset)
+    meta = synset.meta
+    data = meta.get("dataset", {})
+    print(f"{args.synset}: {len(synset)} images {tuple(synset.images.shape[1:])}, "
+          f"{synset.images_per_class} per class, {'soft' if synset.soft_labels else 'hard'} labels"
+          + (f", learned lr {synset.lr.flatten()[:4].tolist()}" if synset.lr is not None else ""))
+    print(f"  dataset: {data.get('name')} ({data.get('num_classes')} classes, mean {data.get('mean')}, "
+          f"std {data.get('std')}, zca {data.get('zca')})")
+    print(f"  method: {meta.get('method')}, seed {meta.get('seed')}, iterations {meta.get('iterations')}")
+    for key, value in (meta.get("config") or {}).items():
+        print(f"    {key} = {value}")
+    history = meta.get("history") or {}
+    if history.get("loss"):
+        print(f"  loss: {history['loss'][0]:.4g} -> {history['loss'][-1]:.4g}")
+    if "seconds_per_iteration" in meta:
+        print(f"  {meta['seconds_per_iteration']:.3f} s/iteration on {meta.get('device')}")
+    return 0
+
+
+COMMANDS = {"datasets": cmd_datasets, "models": cmd_models, "methods": cmd_methods,
+            "prepare-mhist": cmd_prepare_mhist, "baseline": cmd_baseline, "select": cmd_select,
+            "distill": cmd_distill, "evaluate": cmd_evaluate, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ddlib.errors import USER_ERRORS
+
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        if os.environ.get("DDLIB_DEBUG"):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

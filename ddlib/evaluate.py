@@ -1,0 +1,267 @@
+"""The evaluation protocol: train a fresh network on a (synthetic or real) set, test it on real data.
+
+One training loop serves every use: a distilled set, a coreset, a random real subset and the full
+training set (the upper bound) are all evaluated by ``evaluate``, so their numbers are comparable.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddlib.augment import DSA, dc_augment, default_strategy
+from ddlib.data import RealSet
+from ddlib.metrics import PeakMemory, classification_metrics, count_flops, mean_std
+from ddlib.models import get_network
+from ddlib.rng import generator
+from ddlib.synset import SyntheticSet
+from ddlib.utils import progress
+
+__all__ = ["Protocol", "PROTOCOLS", "get_protocol", "EvalResult", "train_network", "test_network",
+           "evaluate", "evaluate_synset", "evaluate_full", "DatasetMismatchError"]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a fresh network is trained and tested."""
+
+    name: str = "dc"
+    epochs: int = 1000            # passes over the training set (the papers use 1000; 300 without augmentation)
+    lr: float = 0.01              # SGD learning rate (a learned rate stored with the set replaces it)
+    momentum: float = 0.9         # SGD momentum
+    weight_decay: float = 5e-4    # SGD weight decay
+    batch_size: int = 256         # training mini-batch
+    schedule: str = "step"        # "step": lr x0.1 after epoch epochs//2+1 with a fresh optimiser (official
+                                  # code; momentum is reset); "cosine": annealed per epoch to 0; "constant"
+    augment: str = "dsa"          # "dsa" (non-siamese DSA per batch), "dc" (DC's crop/scale/rotate), "none"
+    extra_epoch: bool = True      # the official loop runs epochs + 1 passes; False runs exactly `epochs`
+    test_batch_size: int = 1024   # batch for testing (no augmentation)
+    use_learned_lr: bool = True   # train with the set's learned lr when it carries one (MTT, DATM, PAD)
+
+    def describe(self) -> str:
+        return (f"{self.name}: SGD lr {self.lr} momentum {self.momentum} wd {self.weight_decay}, "
+                f"{self.epochs} epochs ({self.schedule}), batch {self.batch_size}, augment {self.augment}")
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    # DC/DSA/DM/DataDAM papers: 1000 epochs with DSA, lr /10 at half.
+    "dc": Protocol(name="dc"),
+    # DC's evaluation with its own augmentation (MNIST: crop_scale_rotate), as the DC paper's tables.
+    "dc-aug": Protocol(name="dc-aug", augment="dc"),
+    # The course's Task 1 2(a)/(e): SGD lr 0.01 with cosine annealing, 20 epochs, other details as DC.
+    "course": Protocol(name="course", epochs=20, schedule="cosine", augment="none", extra_epoch=False),
+}
+
+
+def get_protocol(protocol: str | Protocol = "dc", **overrides: Any) -> Protocol:
+    """A named protocol with any field overridden (``None`` values are ignored)."""
+    if isinstance(protocol, str):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}")
+        protocol = PROTOCOLS[protocol]
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return replace(protocol, **overrides) if overrides else protocol
+
+
+class DatasetMismatchError(ValueError):
+    """A set made for one dataset (channels, size, classes, normalisation) evaluated on another."""
+
+
+@dataclass
+class EvalResult:
+    """Test metrics of ``num_eval`` freshly initialised networks trained the same way."""
+
+    model: str
+    protocol: dict
+    accuracies: list[float]                  # test accuracy of each network, fractions in [0, 1]
+    balanced_accuracies: list[float]
+    aucs: list[float] = field(default_factory=list)   # binary tasks only (e.g. MHIST)
+    train_seconds: list[float] = field(default_factory=list)
+    num_train_images: int = 0
+    flops_per_image: int = 0                 # forward FLOPs of one test image (FLOP = 2 x MAC)
+    train_flops: int = 0                     # FLOPs of one network's whole training run (fwd + bwd)
+    peak_memory_bytes: int = 0
+
+    @property
+    def accuracy_mean(self) -> float:
+        return mean_std(self.accuracies)[0]
+
+    @property
+    def accuracy_std(self) -> float:
+        return mean_std(self.accuracies)[1]
+
+    def summary(self) -> dict[str, Any]:
+        """Plain values for metrics.json: means, stds (population std, as the papers' np.std) and costs."""
+        out = {
+            "model": self.model,
+            "num_eval": len(self.accuracies),
+            "accuracy_mean": self.accuracy_mean,
+            "accuracy_std": self.accuracy_std,
+            "accuracies": self.accuracies,
+            "balanced_accuracy_mean": mean_std(self.balanced_accuracies)[0],
+            "balanced_accuracy_std": mean_std(self.balanced_accuracies)[1],
+            "train_seconds_mean": mean_std(self.train_seconds)[0] if self.train_seconds else 0.0,
+            "num_train_images": self.num_train_images,
+            "flops_per_image": self.flops_per_image,
+            "train_flops": self.train_flops,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "protocol": self.protocol,
+        }
+        if self.aucs:
+            out["auc_mean"], out["auc_std"] = mean_std(self.aucs)
+        return out
+
+    def __str__(self) -> str:
+        return f"{100 * self.accuracy_mean:.2f} ± {100 * self.accuracy_std:.2f} % ({self.model}, n={len(self.accuracies)})"
+
+
+# ---------------------------------------------------------------------------------------- training
+def _loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy with hard labels [B] or soft labels [B, K] (logits; softmax taken here, as DATM)."""
+    if targets.dim() == 2:
+        return -(targets.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    return F.cross_entropy(logits, targets)
+
+
+def _augmenter(protocol: Protocol, dsa_strategy: str):
+    if protocol.augment == "dsa":
+        dsa = DSA(dsa_strategy)
+        return lambda x, g: dsa(x, g)
+    if protocol.augment == "dc":
+        return lambda x, g: dc_augment(x, g)
+    if protocol.augment == "none":
+        return lambda x, g: x
+    raise ValueError(f"unknown augmentation {protocol.augment!r}; use dsa, dc or none")
+
+
+def train_network(net: nn.Module, images: Tensor, labels: Tensor, protocol: Protocol, *,
+                  rng: torch.Generator, lr: float | None = None, dsa_strategy: str = "color_crop_cutout_flip_scale_rotate",
+                  show_progress: bool = False) -> nn.Module:
+    """Train ``net`` in place on ``images`` [N, C, H, W] with ``labels`` [N] (or soft [N, K]).
+
+    Shuffling and augmentation draw from ``rng`` (a CPU generator). ``lr`` overrides the protocol's.
+    """
+    base_lr = protocol.lr if lr is None else float(lr)
+    augment = _augmenter(protocol, dsa_strategy)
+    make_opt = lambda rate: torch.optim.SGD(net.parameters(), lr=rate, momentum=protocol.momentum,  # noqa: E731
+                                            weight_decay=protocol.weight_decay)
+    optimizer = make_opt(base_lr)
+    epochs = protocol.epochs + (1 if protocol.extra_epoch else 0)
+    n, device = images.shape[0], images.device
+    net.train()
+    for epoch in progress(range(epochs), desc="train", enable=show_progress):
+        if protocol.schedule == "cosine":
+            for group in optimizer.param_groups:
+                group["lr"] = 0.5 * base_lr * (1 + math.cos(math.pi * epoch / protocol.epochs))
+        order = torch.randperm(n, generator=rng).to(device)
+        for start in range(0, n, protocol.batch_size):
+            idx = order[start:start + protocol.batch_size]
+            x = augment(images[idx], rng)
+            loss = _loss(net(x), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if protocol.schedule == "step" and epoch == protocol.epochs // 2 + 1:
+            optimizer = make_opt(base_lr * 0.1)  # a fresh optimiser, as the official code (momentum reset)
+    return net
+
+
+@torch.no_grad()
+def test_network(net: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1024) -> dict[str, float]:
+    """Accuracy, balanced accuracy (and ROC AUC for two classes) of ``net`` on a test set."""
+    net.eval()
+    logits = torch.cat([net(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+    return classification_metrics(logits.float().cpu(), labels.cpu())
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def evaluate(images: Tensor, labels: Tensor, real: RealSet, *, model: str = "convnet",
+             protocol: str | Protocol = "dc", num_eval: int = 5, seed: int = 0, lr: float | None = None,
+             device: str | torch.device = "cpu", show_progress: bool = False,
+             model_overrides: dict | None = None) -> EvalResult:
+    """Train ``num_eval`` fresh ``model`` networks on (images, labels) and test each on ``real.test``.
+
+    Network i is initialised from ``generator(seed, "eval-net", i)`` and trained with
+    ``generator(seed, "eval-train", i)``, so results are reproducible and independent of the order runs.
+    """
+    protocol = get_protocol(protocol)
+    device = torch.device(device)
+    images, labels = images.to(device), labels.to(device)
+    test_x, test_y = real.test_images.to(device), real.test_labels.to(device)
+    strategy = default_strategy(real.name)
+    result = EvalResult(model=model, protocol=asdict(protocol), accuracies=[], balanced_accuracies=[],
+                        num_train_images=int(images.shape[0]))
+    with PeakMemory(device) as memory:
+        for i in range(num_eval):
+            net = get_network(model, real.channels, real.num_classes, real.image_size,
+                              generator=generator(seed, "eval-net", i), device=device, **(model_overrides or {}))
+            start = time.perf_counter()
+            train_network(net, images, labels, protocol, rng=generator(seed, "eval-train", i), lr=lr,
+                          dsa_strategy=strategy, show_progress=show_progress)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            result.train_seconds.append(time.perf_counter() - start)
+            metrics = test_network(net, test_x, test_y, protocol.test_batch_size)
+            result.accuracies.append(metrics["accuracy"])
+            result.balanced_accuracies.append(metrics["balanced_accuracy"])
+            if "auc" in metrics:
+                result.aucs.append(metrics["auc"])
+    result.peak_memory_bytes = memory.peak_bytes
+    shape = (real.channels, real.image_size, real.image_size)
+    result.flops_per_image = count_flops(net, shape)
+    per_step = count_flops(net, shape, backward=True)
+    epochs = protocol.epochs + (1 if protocol.extra_epoch else 0)
+    result.train_flops = per_step * int(images.shape[0]) * epochs
+    return result
+
+
+def check_compatible(synset: SyntheticSet, real: RealSet) -> None:
+    """Raise DatasetMismatchError if ``synset`` was not made for ``real``'s format."""
+    made_for = synset.meta.get("dataset")
+    if not made_for:
+        return
+    here = real.meta()
+    for key in ("channels", "image_size", "num_classes"):
+        if int(made_for[key]) != int(here[key]):
+            raise DatasetMismatchError(
+                f"the synthetic set was made for {made_for.get('name')} with {key}={made_for[key]}, but the "
+                f"evaluation dataset {here['name']} has {key}={here[key]}; load the dataset with the same "
+                f"settings (e.g. --image-size {made_for['image_size']})")
+    for key in ("mean", "std"):
+        if not torch.allclose(torch.tensor(made_for[key], dtype=torch.float64),
+                              torch.tensor(here[key], dtype=torch.float64), atol=1e-4):
+            raise DatasetMismatchError(
+                f"the synthetic set was normalised with {key}={made_for[key]} but {here['name']} uses "
+                f"{here[key]}: evaluate it on the dataset (and size) it was distilled from")
+    if bool(made_for.get("zca")) != bool(here.get("zca")):
+        raise DatasetMismatchError("the synthetic set and the dataset disagree on ZCA whitening; "
+                                   f"load the dataset with zca={bool(made_for.get('zca'))}")
+
+
+def evaluate_synset(synset: SyntheticSet, real: RealSet, *, model: str | None = None,
+                    protocol: str | Protocol | None = None, num_eval: int = 5, seed: int = 0,
+                    device: str | torch.device = "cpu", show_progress: bool = False, **protocol_overrides) -> EvalResult:
+    """Evaluate a synthetic set: its model and protocol default to the ones stored in the set."""
+    check_compatible(synset, real)
+    model = model or synset.meta.get("config", {}).get("model", "convnet")
+    stored = synset.meta.get("protocol")
+    if protocol is None:
+        protocol = Protocol(**stored) if isinstance(stored, dict) else "dc"
+    protocol = get_protocol(protocol, **protocol_overrides)
+    lr = synset.lr.item() if (synset.lr is not None and synset.lr.numel() == 1 and protocol.use_learned_lr) else None
+    return evaluate(synset.images, synset.labels, real, model=model, protocol=protocol, num_eval=num_eval,
+                    seed=seed, lr=lr, device=device, show_progress=show_progress)
+
+
+def evaluate_full(real: RealSet, *, model: str = "convnet", protocol: str | Protocol = "course",
+                  num_eval: int = 1, seed: int = 0, device: str | torch.device = "cpu",
+                  show_progress: bool = True, **protocol_overrides) -> EvalResult:
+    """The upper bound: ``model`` trained on the whole training set under ``protocol``."""
+    protocol = get_protocol(protocol, **protocol_overrides)
+    return evaluate(real.train_images, real.train_labels, real, model=model, protocol=protocol,
+                    num_eval=num_eval, seed=seed, device=device, show_progress=show_progress)

@@ -1,0 +1,51 @@
+"""DM: distribution matching (Zhao & Bilen, WACV 2023; reference: algorithms.md section 4).
+
+Each iteration draws a fresh, frozen, randomly initialised network and moves the synthetic images so
+that every class's mean embedding matches the mean embedding of a batch of real images of that class,
+both seen through the same (siamese) DSA transform. All classes go through the network in one pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ddlib.methods.base import DistillConfig, Distiller
+from ddlib.methods.registry import register_method
+from ddlib.models import get_network
+
+__all__ = ["DMConfig", "DM"]
+
+
+@dataclass
+class DMConfig(DistillConfig):
+    """DM's settings; defaults are the official code's (main_DM.py), except iterations (20000 there)."""
+
+    lr_img: float = 1.0              # 1 for IPC <= 50, 10 above (official README)
+    batch_real: int = 256            # real images per class per iteration
+    init: str = "real"               # the official default
+
+
+@register_method("dm")
+class DM(Distiller):
+    name = "dm"
+    Config = DMConfig
+
+    def step(self, iteration: int) -> dict[str, Tensor]:
+        cfg, real = self.cfg, self.real
+        net = get_network(cfg.model, real.channels, real.num_classes, real.image_size,
+                          generator=self.rng("net", iteration), device=self.device)
+        net.requires_grad_(False)
+        net.train()  # BatchNorm nets normalise with batch statistics, as the official BN path does
+        real_x = real.sample_per_class(cfg.batch_real, self.rng("real", iteration))  # [K, n, C, H, W]
+        syn_x = self.per_class(self.images)                                            # [K, ipc, C, H, W]
+        if self.dsa is not None:
+            real_x, syn_x = self.dsa.siamese(real_x, syn_x, self.rng("dsa", iteration))
+        with self.autocast():
+            with torch.no_grad():
+                real_mean = self.per_class(net.embed(real_x.flatten(0, 1))).float().mean(dim=1)
+            syn_mean = self.per_class(net.embed(syn_x.flatten(0, 1))).float().mean(dim=1)
+        loss = (real_mean - syn_mean).pow(2).sum()
+        self.update_images(loss)
+        return {"loss": loss.detach()}

@@ -1,0 +1,180 @@
+"""Synthetic sets: the learned images, their labels and everything needed to evaluate them later.
+
+A ``SyntheticSet`` is one file (``synset.pt``): images in the dataset's normalised (or ZCA) space,
+hard or soft labels, an optional learned learning rate, and metadata (dataset description, method,
+config, seed, history). ``ddlib evaluate synset.pt`` needs no other flags because the file says how
+it was made and how it should be evaluated.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ddlib.io import atomic_write
+
+__all__ = ["SyntheticSet", "SynsetFormatError", "class_labels"]
+
+FORMAT_VERSION = 1
+
+
+class SynsetFormatError(ValueError):
+    """A synthetic-set file that is corrupt, truncated, or holds tensors of the wrong shape or type."""
+
+
+def class_labels(num_classes: int, per_class: int, device: str | torch.device = "cpu") -> Tensor:
+    """Hard labels ``[0]*per_class + [1]*per_class + ...``: shape [num_classes * per_class], int64."""
+    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
+
+
+@dataclass
+class SyntheticSet:
+    """Learned (or selected) training images with their labels.
+
+    images: [N, C, H, W] float32 in the dataset's normalised space (ZCA space when meta["dataset"]["zca"]).
+    labels: [N] int64 class indices, or [N, K] float soft labels (logits, as DATM learns them).
+    lr:     a learned learning rate for evaluation (scalar tensor) or per-step rates (DD), else None.
+    meta:   plain values only (str, int, float, bool, None, lists, dicts, tensors): "dataset" (the
+            RealSet.meta() it was made from), "zca_state" (when whitened), "method", "config", "seed",
+            "iterations", "history", "protocol" (how to evaluate it), ...
+    """
+
+    images: Tensor
+    labels: Tensor
+    lr: Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _validate(self.images, self.labels, self.lr)
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def num_classes(self) -> int:
+        if "dataset" in self.meta:
+            return int(self.meta["dataset"]["num_classes"])
+        return int(self.labels.shape[1] if self.soft_labels else self.labels.max().item() + 1)
+
+    @property
+    def soft_labels(self) -> bool:
+        return self.labels.dim() == 2
+
+    @property
+    def hard_labels(self) -> Tensor:
+        """[N] int64: the argmax of soft labels, or the hard labels themselves."""
+        return self.labels.argmax(dim=1) if self.soft_labels else self.labels
+
+    @property
+    def images_per_class(self) -> int:
+        """Images of the smallest class (all classes are equal for distilled sets)."""
+        counts = torch.bincount(self.hard_labels.cpu(), minlength=self.num_classes)
+        return int(counts.min().item())
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: str | torch.device) -> "SyntheticSet":
+        lr = None if self.lr is None else self.lr.to(device)
+        return SyntheticSet(self.images.to(device), self.labels.to(device), lr, self.meta)
+
+    def of_class(self, c: int) -> Tensor:
+        """The images whose (hard) label is ``c``: [n_c, C, H, W]."""
+        return self.images[self.hard_labels == c]
+
+    def denormalised(self) -> Tensor:
+        """Images back in pixel scale [0, 1] (clipped) for display: [N, C, H, W] on the CPU."""
+        x = self.images.detach().cpu().float()
+        dataset = self.meta.get("dataset", {})
+        if self.meta.get("zca_state") is not None:
+            from ddlib.augment import ZCA
+
+            x = ZCA.from_state_dict(self.meta["zca_state"]).inverse(x)
+        mean = torch.tensor(dataset.get("mean", [0.0] * x.shape[1])).view(1, -1, 1, 1)
+        std = torch.tensor(dataset.get("std", [1.0] * x.shape[1])).view(1, -1, 1, 1)
+        return (x * std + mean).clamp(0, 1)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the set to ``path`` atomically, with a checksum of its tensors."""
+        payload = {
+            "format": "ddlib.SyntheticSet",
+            "version": FORMAT_VERSION,
+            "images": self.images.detach().cpu().contiguous(),
+            "labels": self.labels.detach().cpu().contiguous(),
+            "lr": None if self.lr is None else self.lr.detach().cpu(),
+            "meta": _plain(self.meta),
+        }
+        payload["checksum"] = _checksum(payload)
+        return atomic_write(path, lambda f: torch.save(payload, f))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "SyntheticSet":
+        """Read a set saved by ``save``. Never runs code from the file (``weights_only=True``) and
+        checks the format, the checksum, the shapes and that every value is finite."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no synthetic set at {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated zip, pickle with code, garbage bytes
+            raise SynsetFormatError(f"{path} is not a readable synthetic-set file ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0][:200]})") from None
+        if not isinstance(payload, dict) or payload.get("format") != "ddlib.SyntheticSet":
+            raise SynsetFormatError(f"{path} is not a ddlib synthetic-set file")
+        if payload.get("checksum") != _checksum(payload):
+            raise SynsetFormatError(f"{path} is corrupt: its checksum does not match its contents")
+        synset = cls(payload["images"], payload["labels"], payload["lr"], payload["meta"])
+        return synset.to(map_location)
+
+
+def _validate(images: Tensor, labels: Tensor, lr: Tensor | None) -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise SynsetFormatError(f"images must be a float tensor [N, C, H, W], got "
+                                f"{getattr(images, 'shape', type(images).__name__)}")
+    n = images.shape[0]
+    if not isinstance(labels, Tensor) or labels.shape[0] != n:
+        raise SynsetFormatError(f"labels must have one row per image ({n}), got "
+                                f"{getattr(labels, 'shape', type(labels).__name__)}")
+    if labels.dim() == 1 and labels.dtype != torch.int64:
+        raise SynsetFormatError(f"hard labels must be int64, got {labels.dtype}")
+    if labels.dim() == 2 and not labels.is_floating_point():
+        raise SynsetFormatError("soft labels [N, K] must be floating point")
+    if labels.dim() not in (1, 2):
+        raise SynsetFormatError(f"labels must be [N] or [N, K], got {tuple(labels.shape)}")
+    for name, t in (("images", images), ("labels", labels), ("lr", lr)):
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SynsetFormatError(f"{name} contain NaN or infinite values")
+
+
+def _checksum(payload: dict) -> str:
+    """sha256 over the tensors' bytes and the metadata's repr (stable for plain values)."""
+    h = hashlib.sha256()
+    for key in ("images", "labels", "lr"):
+        t = payload[key]
+        h.update(key.encode())
+        if t is not None:
+            h.update(str((tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(repr(_plain(payload["meta"])).encode())
+    return h.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """Meta reduced to values ``torch.load(weights_only=True)`` accepts: dicts, lists, scalars, tensors."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return repr(value)

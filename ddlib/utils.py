@@ -1,0 +1,38 @@
+"""Small shared helpers: devices and progress bars."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, TypeVar
+
+import torch
+
+__all__ = ["resolve_device", "progress", "progress_enabled"]
+
+T = TypeVar("T")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (or None) picks CUDA when available, else the CPU; anything else is passed to torch."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+def progress_enabled() -> bool:
+    """Bars are off under papermill/CI (they flood logs there) or with DDLIB_PROGRESS=0."""
+    if os.environ.get("DDLIB_PROGRESS") is not None:
+        return os.environ["DDLIB_PROGRESS"] not in ("0", "false", "False", "")
+    return not (os.environ.get("CI") or os.environ.get("PAPERMILL_EXECUTION") or os.environ.get("PYTEST_CURRENT_TEST"))
+
+
+def progress(iterable: Iterable[T], *, desc: str = "", total: int | None = None, enable: bool = True,
+             **kwargs) -> Iterable[T]:
+    """A tqdm bar (notebook-aware) that updates at most twice a second, or the bare iterable."""
+    if not (enable and progress_enabled()):
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, mininterval=0.5, dynamic_ncols=True, **kwargs)
