@@ -17,7 +17,7 @@ from typing import Any
 __all__ = ["main", "build_parser"]
 
 # Settings that make the offline default dataset finish in minutes; a run prints when it uses them.
-QUICK_DEFAULTS = {"digits": {"iterations": 200}}
+QUICK_DEFAULTS = {"digits": {"iterations": 200, "batch_real": 64, "eval_epochs": 300}}
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -291,9 +291,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.no_dsa:
         overrides["dsa"] = False
     for key, value in QUICK_DEFAULTS.get(real.name, {}).items():
-        if overrides.get(key) is None and args.preset is None:
+        flag = "--" + key.replace("_", "-")
+        if key == "eval_epochs" and args.eval_epochs is None:
+            args.eval_epochs = value
+        elif key != "eval_epochs" and overrides.get(key) is None and args.preset is None:
             overrides[key] = value
-            print(f"{key} = {value} (quick default for {real.name}; pass --{key} to change)")
+        else:
+            continue
+        print(f"{key} = {value} (quick default for {real.name}; pass {flag} to change)")
     cfg = make_config(args.method, args.preset, **overrides)
     device = resolve_device(args.device)
     protocol = _protocol(args)

@@ -146,6 +146,15 @@ def _run_blocks(blocks: nn.Sequential, x: Tensor, taps: list[Tensor] | None) -> 
     return x
 
 
+def _mnist_padding(channels: int, image_size: int | Sequence[int]) -> bool:
+    """The reference pads the first conv of 1-channel nets so 28-px MNIST behaves like a 32-px image.
+
+    All of the reference's 1-channel data is 28 px; other 1-channel sizes (e.g. 16-px digits) get the
+    ordinary padding, like 3-channel inputs, instead of maps 6 px larger than the image.
+    """
+    return channels == 1 and _pair(image_size)[0] == 28
+
+
 def _fit_padding(size: int, kernel: int, padding: int) -> int:
     """``padding``, or 'same' padding when an unpadded conv would leave an empty map (tiny inputs)."""
     return padding if size + 2 * padding - kernel + 1 >= 1 else kernel // 2
@@ -187,7 +196,7 @@ class DDNet(nn.Module):
 class ConvNet(DDNet):
     """The DC/DM/MTT ConvNet: ``depth`` x [conv3x3 -> norm -> act -> pool 2x2], then one linear layer.
 
-    With one input channel the first conv pads 3 (the reference's 28 -> 32 MNIST trick). The parameter
+    With one 28-px input channel the first conv pads 3 (the reference's 28 -> 32 MNIST trick). The parameter
     order is conv0.w, conv0.b, norm0.w, norm0.b, conv1.w, ..., classifier.w, classifier.b.
     """
 
@@ -197,7 +206,8 @@ class ConvNet(DDNet):
         shape: Shape = (channels, *_pair(image_size))
         blocks = []
         for level in range(depth):
-            conv = nn.Conv2d(shape[0], width, 3, padding=3 if channels == 1 and level == 0 else 1)
+            padding = 3 if level == 0 and _mnist_padding(channels, image_size) else 1
+            conv = nn.Conv2d(shape[0], width, 3, padding=padding)
             block = ConvBlock(conv, make_norm(norm, _infer_shape(conv, shape)), make_activation(act),
                               make_pool(pool))
             shape = _infer_shape(block, shape)
@@ -235,7 +245,7 @@ class MLP(DDNet):
 class LeNet(DDNet):
     """conv5(6)-ReLU-maxpool -> conv5(16)-ReLU-maxpool -> FC 120 -> ReLU -> 84 -> ReLU -> K.
 
-    The first conv pads 2 for one-channel input (as the reference); a conv that would leave an empty map
+    The first conv pads 2 for one-channel 28-px input (as the reference); a conv that would leave an empty map
     on a tiny input pads 'same' instead. The embedding is the 84-d input of the classifier.
     """
 
@@ -243,7 +253,7 @@ class LeNet(DDNet):
         super().__init__()
         shape: Shape = (channels, *_pair(image_size))
         blocks = []
-        for out_channels, padding in ((6, 2 if channels == 1 else 0), (16, 0)):
+        for out_channels, padding in ((6, 2 if _mnist_padding(channels, image_size) else 0), (16, 0)):
             padding = _fit_padding(min(shape[1:]), 5, padding)
             block = ConvBlock(nn.Conv2d(shape[0], out_channels, 5, padding=padding), nn.Identity(),
                               nn.ReLU(), Pool2d("max"))
@@ -274,8 +284,8 @@ class AlexNet(DDNet):
         shape: Shape = (channels, *_pair(image_size))
         blocks = []
         for index, (out_channels, kernel, padding, pooled) in enumerate(self.LAYERS):
-            # The reference pads 4 on a one-channel first conv: 28 px in -> 32 px out.
-            padding = 4 if index == 0 and channels == 1 else padding
+            # The reference pads 4 on a one-channel first conv: 28 px in -> 32 px out (MNIST only).
+            padding = 4 if index == 0 and _mnist_padding(channels, image_size) else padding
             conv = nn.Conv2d(shape[0], out_channels, kernel, padding=padding)
             block = ConvBlock(conv, make_norm(norm, _infer_shape(conv, shape)), nn.ReLU(),
                               Pool2d("max") if pooled else nn.Identity())
@@ -311,7 +321,8 @@ class VGG(DDNet):
         for index, out_channels in enumerate(layers):
             if out_channels == "M":
                 continue
-            conv = nn.Conv2d(shape[0], out_channels, 3, padding=3 if channels == 1 and index == 0 else 1)
+            padding = 3 if index == 0 and _mnist_padding(channels, image_size) else 1
+            conv = nn.Conv2d(shape[0], out_channels, 3, padding=padding)
             pooled = index + 1 < len(layers) and layers[index + 1] == "M"
             block = ConvBlock(conv, make_norm(norm, _infer_shape(conv, shape)), nn.ReLU(),
                               Pool2d("max") if pooled else nn.Identity())

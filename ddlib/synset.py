@@ -151,16 +151,28 @@ def _validate(images: Tensor, labels: Tensor, lr: Tensor | None) -> None:
 
 
 def _checksum(payload: dict) -> str:
-    """sha256 over the tensors' bytes and the metadata's repr (stable for plain values)."""
+    """sha256 over every tensor's bytes and every plain value in the payload (bar the checksum itself)."""
     h = hashlib.sha256()
-    for key in ("images", "labels", "lr"):
-        t = payload[key]
-        h.update(key.encode())
-        if t is not None:
-            h.update(str((tuple(t.shape), str(t.dtype))).encode())
-            h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    h.update(repr(_plain(payload["meta"])).encode())
+    _hash(h, {k: payload[k] for k in ("images", "labels", "lr", "meta")})
     return h.hexdigest()
+
+
+def _hash(h: "hashlib._Hash", value: Any) -> None:
+    if isinstance(value, dict):
+        for k in sorted(value):
+            h.update(repr(k).encode())
+            _hash(h, value[k])
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for v in value:
+            _hash(h, v)
+        h.update(b"]")
+    elif isinstance(value, Tensor):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{tuple(value.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    else:
+        h.update(repr(value).encode())
 
 
 def _plain(value: Any) -> Any:

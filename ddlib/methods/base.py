@@ -42,6 +42,7 @@ class DistillConfig:
     precision: str = "fp32"          # fp32 | bf16 | fp16: autocast for the network passes; images stay fp32
     log_every: int = 10              # iterations between history records (the loss reaches the host only then)
     snapshot_every: int = 0          # iterations between saved copies of the images (0: none)
+    real_chunk: int = 0              # images per no-grad pass over real data (0: 32 on CPU, all on GPU)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,6 +140,18 @@ class Distiller:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+    @torch.no_grad()
+    def embed_real(self, net: torch.nn.Module, x: Tensor) -> Tensor:
+        """``net.embed(x)`` without gradients, [B, ...] -> [B, D], in chunks of ``cfg.real_chunk`` images.
+
+        Chunks keep the first block's large feature maps in cache, which is most of the CPU's time;
+        BatchNorm networks see the whole batch at once, since their statistics depend on it.
+        """
+        chunk = self.cfg.real_chunk or (x.shape[0] if self.device.type == "cuda" else 32)
+        if getattr(net, "has_batchnorm", False) or chunk >= x.shape[0]:
+            return net.embed(x)
+        return torch.cat([net.embed(part) for part in x.split(chunk)])
 
     def per_class(self, x: Tensor) -> Tensor:
         """[K * ipc, ...] ordered by class -> [K, ipc, ...]."""

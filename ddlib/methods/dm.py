@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ddlib.methods.base import DistillConfig, Distiller
 from ddlib.methods.registry import register_method
-from ddlib.models import get_network
+from ddlib.models import get_network, init_parameters_
 
 __all__ = ["DMConfig", "DM"]
 
@@ -32,19 +31,23 @@ class DM(Distiller):
     name = "dm"
     Config = DMConfig
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        real = self.real
+        # One module, re-initialised every iteration: the same draws as a fresh network, without rebuilding it.
+        self.net = get_network(self.cfg.model, real.channels, real.num_classes, real.image_size, device=self.device)
+        self.net.requires_grad_(False)
+        self.net.train()  # BatchNorm nets normalise with batch statistics, as the official BN path does
+
     def step(self, iteration: int) -> dict[str, Tensor]:
-        cfg, real = self.cfg, self.real
-        net = get_network(cfg.model, real.channels, real.num_classes, real.image_size,
-                          generator=self.rng("net", iteration), device=self.device)
-        net.requires_grad_(False)
-        net.train()  # BatchNorm nets normalise with batch statistics, as the official BN path does
+        cfg, real, net = self.cfg, self.real, self.net
+        init_parameters_(net, self.rng("net", iteration))
         real_x = real.sample_per_class(cfg.batch_real, self.rng("real", iteration))  # [K, n, C, H, W]
         syn_x = self.per_class(self.images)                                            # [K, ipc, C, H, W]
         if self.dsa is not None:
             real_x, syn_x = self.dsa.siamese(real_x, syn_x, self.rng("dsa", iteration))
         with self.autocast():
-            with torch.no_grad():
-                real_mean = self.per_class(net.embed(real_x.flatten(0, 1))).float().mean(dim=1)
+            real_mean = self.per_class(self.embed_real(net, real_x.flatten(0, 1))).float().mean(dim=1)
             syn_mean = self.per_class(net.embed(syn_x.flatten(0, 1))).float().mean(dim=1)
         loss = (real_mean - syn_mean).pow(2).sum()
         self.update_images(loss)

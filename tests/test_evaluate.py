@@ -1,0 +1,71 @@
+"""The evaluation protocol: presets, the training loop's schedule, soft labels, reproducibility."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddlib.data import load_dataset
+from ddlib.evaluate import (PROTOCOLS, DatasetMismatchError, _loss, evaluate, evaluate_synset, get_protocol,
+                            train_network)
+from ddlib.methods.coreset import select_random
+from ddlib.models import get_network
+from ddlib.rng import generator
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", image_size=8)
+
+
+def test_presets():
+    dc, course = PROTOCOLS["dc"], PROTOCOLS["course"]
+    assert (dc.epochs, dc.lr, dc.momentum, dc.weight_decay, dc.schedule, dc.augment) == (1000, 0.01, 0.9, 5e-4, "step", "dsa")
+    assert (course.epochs, course.lr, course.schedule, course.extra_epoch) == (20, 0.01, "cosine", False)
+    assert get_protocol("dc", epochs=300, lr=None).epochs == 300
+    with pytest.raises(ValueError, match="unknown protocol"):
+        get_protocol("nope")
+
+
+def test_soft_label_loss_matches_hard_for_one_hot_limit():
+    logits = torch.randn(5, 3)
+    hard = torch.tensor([0, 1, 2, 1, 0])
+    soft = torch.nn.functional.one_hot(hard, 3).float() * 100.0  # softmax of these is one-hot
+    assert torch.allclose(_loss(logits, soft), _loss(logits, hard), atol=1e-4)
+
+
+def test_step_schedule_decays_once_with_fresh_optimiser(digits):
+    net = get_network("convnet", 1, 10, 8, seed=0, width=8, depth=1)
+    seen = []
+    orig = torch.optim.SGD.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return orig(self, *a, **k)
+
+    torch.optim.SGD.step = spy
+    try:
+        x, y = digits.train_images[:20], digits.train_labels[:20]
+        train_network(net, x, y, get_protocol("dc", epochs=6, augment="none", batch_size=20), rng=generator(0))
+    finally:
+        torch.optim.SGD.step = orig
+    # 7 passes (epochs + 1); the lr drops after pass index epochs//2 + 1 = 4, as the official loop
+    assert seen == [0.01] * 5 + [pytest.approx(0.001)] * 2
+
+
+def test_evaluate_is_reproducible_and_learns(digits):
+    subset = select_random(digits, 5, seed=0)
+    kw = dict(model="convnet", protocol=get_protocol("dc", epochs=30), num_eval=2, seed=3)
+    a = evaluate(subset.images, subset.labels, digits, **kw)
+    b = evaluate(subset.images, subset.labels, digits, **kw)
+    assert a.accuracies == b.accuracies
+    assert a.accuracy_mean > 0.5  # 50 real digits, 8 px: far above the 10 % of chance
+    assert a.flops_per_image > 0 and a.train_flops > a.flops_per_image
+    summary = a.summary()
+    assert 0 <= summary["accuracy_mean"] <= 1 and summary["num_eval"] == 2
+
+
+def test_mismatched_dataset_is_refused(digits):
+    other = load_dataset("digits", image_size=16)
+    subset = select_random(digits, 1, seed=0)
+    with pytest.raises(DatasetMismatchError, match="image_size"):
+        evaluate_synset(subset, other, protocol=get_protocol("dc", epochs=1), num_eval=1)
