@@ -8,6 +8,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+# One thread per process: pytest-xdist runs two workers on two cores, and notebook kernels inherit
+# this; more threads than cores makes small torch ops tens of times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
 from fixtures import make_data_root  # noqa: E402
 

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-img", type=float, default=None, help="learning rate of the synthetic images")
     p.add_argument("--no-dsa", action="store_true", help="turn off siamese augmentation in the matching")
     p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (autocast of the network passes)")
+    p.add_argument("--power", type=float, default=None, help="datadam: attention power p (paper 4, released code 1)")
+    p.add_argument("--mmd-weight", type=float, default=None, help="datadam: lambda, the weight of the embedding MMD")
+    p.add_argument("--norm", default=None, help="datadam: the matching network's norm (instance | batch | ...)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other method setting, e.g. --set log_every=5")
     _add_data_flags(p)
@@ -287,7 +290,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     real = _load(args)
     overrides = dict(ipc=args.ipc, iterations=args.iterations, init=args.init, batch_real=args.batch_real,
-                     lr_img=args.lr_img, model=args.model, precision=args.precision, **_parse_sets(args.set))
+                     lr_img=args.lr_img, model=args.model, precision=args.precision, power=args.power,
+                     mmd_weight=args.mmd_weight, norm=args.norm)
+    overrides.update(_parse_sets(args.set))  # --set power=1 must not collide with the None of --power
     if args.no_dsa:
         overrides["dsa"] = False
     for key, value in QUICK_DEFAULTS.get(real.name, {}).items():

@@ -188,6 +188,23 @@ class DDNet(nn.Module):
         """[B, C, H, W] -> logits [B, K]."""
         return self.classifier(self.embed(x))
 
+    def _stack_blocks(self, shape: Shape, layers: Sequence[tuple], norm: str) -> Shape:
+        """Set ``self.blocks`` from (out_channels, kernel, padding, activation, pool) specs; returns the
+        [C, H, W] shape the last block outputs for one [C, H, W] = ``shape`` input."""
+        blocks = []
+        for out_channels, kernel, padding, act, pool in layers:
+            conv = nn.Conv2d(shape[0], out_channels, kernel, padding=padding)
+            block = ConvBlock(conv, make_norm(norm, _infer_shape(conv, shape)), act, pool)
+            shape = _infer_shape(block, shape)
+            blocks.append(block)
+        self.blocks = nn.Sequential(*blocks)
+        return shape
+
+    def _flatten_head(self, shape: Shape, num_classes: int) -> None:
+        """A linear classifier over the flattened [C, H, W] features."""
+        self.embed_dim = math.prod(shape)
+        self.classifier = nn.Linear(self.embed_dim, num_classes)
+
     @property
     def has_batchnorm(self) -> bool:
         return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
@@ -203,18 +220,11 @@ class ConvNet(DDNet):
     def __init__(self, channels: int, num_classes: int, image_size: int | Sequence[int], width: int = 128,
                  depth: int = 3, act: str = "relu", norm: str = "instance", pool: str = "avg") -> None:
         super().__init__()
-        shape: Shape = (channels, *_pair(image_size))
-        blocks = []
-        for level in range(depth):
-            padding = 3 if level == 0 and _mnist_padding(channels, image_size) else 1
-            conv = nn.Conv2d(shape[0], width, 3, padding=padding)
-            block = ConvBlock(conv, make_norm(norm, _infer_shape(conv, shape)), make_activation(act),
-                              make_pool(pool))
-            shape = _infer_shape(block, shape)
-            blocks.append(block)
-        self.blocks = nn.Sequential(*blocks)
-        self.embed_dim = math.prod(shape)
-        self.classifier = nn.Linear(self.embed_dim, num_classes)
+        first_padding = 3 if _mnist_padding(channels, image_size) else 1
+        layers = [(width, 3, first_padding if level == 0 else 1, make_activation(act), make_pool(pool))
+                  for level in range(depth)]
+        shape = self._stack_blocks((channels, *_pair(image_size)), layers, norm)
+        self._flatten_head(shape, num_classes)
 
     def _embed(self, x: Tensor, taps: list[Tensor] | None) -> Tensor:
         return _run_blocks(self.blocks, x, taps).flatten(1)
@@ -281,19 +291,13 @@ class AlexNet(DDNet):
     def __init__(self, channels: int, num_classes: int, image_size: int | Sequence[int],
                  norm: str = "none") -> None:
         super().__init__()
-        shape: Shape = (channels, *_pair(image_size))
-        blocks = []
+        layers = []
         for index, (out_channels, kernel, padding, pooled) in enumerate(self.LAYERS):
             # The reference pads 4 on a one-channel first conv: 28 px in -> 32 px out (MNIST only).
             padding = 4 if index == 0 and _mnist_padding(channels, image_size) else padding
-            conv = nn.Conv2d(shape[0], out_channels, kernel, padding=padding)
-            block = ConvBlock(conv, make_norm(norm, _infer_shape(conv, shape)), nn.ReLU(),
-                              Pool2d("max") if pooled else nn.Identity())
-            shape = _infer_shape(block, shape)
-            blocks.append(block)
-        self.blocks = nn.Sequential(*blocks)
-        self.embed_dim = math.prod(shape)
-        self.classifier = nn.Linear(self.embed_dim, num_classes)
+            layers.append((out_channels, kernel, padding, nn.ReLU(), Pool2d("max") if pooled else nn.Identity()))
+        shape = self._stack_blocks((channels, *_pair(image_size)), layers, norm)
+        self._flatten_head(shape, num_classes)
 
     def _embed(self, x: Tensor, taps: list[Tensor] | None) -> Tensor:
         return _run_blocks(self.blocks, x, taps).flatten(1)
