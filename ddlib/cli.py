@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="only write synset.pt")
 
     p = sub.add_parser("distill", help="learn a synthetic set")
-    p.add_argument("--method", default="dm", help="dm (more in `ddlib methods`)")
-    p.add_argument("--preset", default=None, help="a method's named settings (e.g. paper)")
-    p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
+    p.add_argument("--method", default="dm", help="dm | datadam (all in `ddlib methods`)")
+    p.add_argument("--preset", default=None, help="a method's named settings (e.g. course, paper)")
+    p.add_argument("--ipc", type=int, default=None, help="synthetic images per class (default 10)")
     p.add_argument("--iterations", type=int, default=None, help="outer iterations (method default)")
     p.add_argument("--init", default=None, help="real | noise | uniform | white | black | grey")
     p.add_argument("--batch-real", type=int, default=None, help="real images per class per iteration")
@@ -388,6 +388,8 @@ COMMANDS = {"datasets": cmd_datasets, "models": cmd_models, "methods": cmd_metho
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file as they happen
     from ddlib.errors import USER_ERRORS
 
     try:

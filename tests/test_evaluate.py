@@ -58,7 +58,7 @@ def test_evaluate_is_reproducible_and_learns(digits):
     a = evaluate(subset.images, subset.labels, digits, **kw)
     b = evaluate(subset.images, subset.labels, digits, **kw)
     assert a.accuracies == b.accuracies
-    assert a.accuracy_mean > 0.5  # 50 real digits, 8 px: far above the 10 % of chance
+    assert a.accuracy_mean > 0.3  # 50 real digits at 8 px, 30 epochs: far above the 10 % of chance
     assert a.flops_per_image > 0 and a.train_flops > a.flops_per_image
     summary = a.summary()
     assert 0 <= summary["accuracy_mean"] <= 1 and summary["num_eval"] == 2
