@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("synset", help="path to synset.pt")
     p.add_argument("--data-root", default=None)
     p.add_argument("--models", default=None, help="comma-separated networks (default: the one it was made with)")
+    p.add_argument("--no-random-baseline", action="store_true", help="skip the random-subset comparison")
     _add_eval_flags(p, model_flag=False)
     _add_run_flags(p)
 
@@ -329,6 +330,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddlib.data import load_dataset
     from ddlib.evaluate import Protocol, evaluate_synset, get_protocol
+    from ddlib.methods.coreset import select_random
     from ddlib.synset import SyntheticSet
     from ddlib.utils import resolve_device
 
@@ -343,17 +345,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     protocol = get_protocol(base, epochs=args.eval_epochs)
     models = (args.models or args.eval_model or synset.meta.get("config", {}).get("model", "convnet")).split(",")
     device = resolve_device(args.device)
+    random_set = None if args.no_random_baseline else select_random(real, synset.images_per_class, seed=args.seed)
     rows = {}
     for model in models:
-        result = evaluate_synset(synset, real, model=model, protocol=protocol, num_eval=args.num_eval,
-                                 seed=args.seed, device=device)
+        kw = dict(model=model, protocol=protocol, num_eval=args.num_eval, seed=args.seed, device=device)
+        result = evaluate_synset(synset, real, **kw)
         rows[model] = {**_eval_fields(result), "flops_per_image": result.flops_per_image}
-        print(f"{model:12s} {_pct(result)}")
-    metrics = {"synset": str(args.synset), "method": synset.meta.get("method"), "dataset": name,
-               "ipc": synset.images_per_class, "seed": args.seed, "num_eval": args.num_eval,
-               "eval_epochs": protocol.epochs, "protocol": protocol.name, "models": rows}
-    if len(models) == 1:
-        metrics.update(model=models[0], **rows[models[0]])
+        line = f"{model:12s} {_pct(result)}"
+        if random_set is not None:
+            baseline = evaluate_synset(random_set, real, **kw)
+            rows[model].update(_eval_fields(baseline, prefix="random_"))
+            line += f"   random real subset {_pct(baseline)}"
+        print(line)
+    meta = synset.meta
+    metrics = {"synset": str(args.synset), "method": meta.get("method"), "dataset": name,
+               "ipc": synset.images_per_class, "iterations": meta.get("iterations"), "seed": args.seed,
+               "num_eval": args.num_eval, "eval_epochs": protocol.epochs, "protocol": protocol.name,
+               "distill_seconds": meta.get("distill_seconds"), "seconds_per_iteration": meta.get("seconds_per_iteration"),
+               "peak_memory_bytes": meta.get("peak_memory_bytes"), "models": rows}
+    metrics.update(model=models[0], **rows[models[0]])  # the first model's numbers at the top level
     metrics["environment"] = _environment()
     _write_metrics(Path(args.out) if args.out else None, metrics)
     return 0

@@ -32,6 +32,7 @@ def test_distill_evaluate_info_round_trip(tmp_path, capsys):
                  "--eval-epochs", "3", "--out", str(tmp_path / "ev")]) == 0
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert set(ev["models"]) == {"convnet", "mlp"}
+    assert ev["iterations"] == 4 and "random_accuracy_mean" in ev and ev["model"] == "convnet"
     assert main(["info", str(out / "synset.pt")]) == 0
     assert "dm" in capsys.readouterr().out
 
