@@ -15,4 +15,4 @@ quickstart:       ## distil digits with DM and compare with random real images (
 	$(PY) -m ddlib distill --method dm --dataset digits --ipc 1 --seed 0 --out runs/quickstart
 
 lint:
-	$(PY) -m ruff check ddlib tests bench
+	$(PY) -m ruff check ddlib tests

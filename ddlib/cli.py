@@ -23,7 +23,8 @@ QUICK_DEFAULTS = {"digits": {"iterations": 200, "batch_real": 64, "eval_epochs":
 # ------------------------------------------------------------------------------------------ parser
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="digits", help="digits (offline default) | mnist | mhist | cifar10 | imagefolder")
+    g.add_argument("--dataset", default="digits",
+                   help="digits (offline default) | mnist | mhist | cifar10 | imagefolder")
     g.add_argument("--data-root", default=None, help="data folder (default: $DDLIB_DATA, else ./data)")
     g.add_argument("--image-size", type=int, default=None, help="working resolution in pixels (dataset default)")
 
@@ -361,7 +362,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = {"synset": str(args.synset), "method": meta.get("method"), "dataset": name,
                "ipc": synset.images_per_class, "iterations": meta.get("iterations"), "seed": args.seed,
                "num_eval": args.num_eval, "eval_epochs": protocol.epochs, "protocol": protocol.name,
-               "distill_seconds": meta.get("distill_seconds"), "seconds_per_iteration": meta.get("seconds_per_iteration"),
+               "distill_seconds": meta.get("distill_seconds"),
+               "seconds_per_iteration": meta.get("seconds_per_iteration"),
                "peak_memory_bytes": meta.get("peak_memory_bytes"), "models": rows}
     metrics.update(model=models[0], **rows[models[0]])  # the first model's numbers at the top level
     metrics["environment"] = _environment()

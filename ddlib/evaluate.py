@@ -117,7 +117,8 @@ class EvalResult:
         return out
 
     def __str__(self) -> str:
-        return f"{100 * self.accuracy_mean:.2f} ± {100 * self.accuracy_std:.2f} % ({self.model}, n={len(self.accuracies)})"
+        return (f"{100 * self.accuracy_mean:.2f} ± {100 * self.accuracy_std:.2f} % "
+                f"({self.model}, n={len(self.accuracies)})")
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -140,7 +141,8 @@ def _augmenter(protocol: Protocol, dsa_strategy: str):
 
 
 def train_network(net: nn.Module, images: Tensor, labels: Tensor, protocol: Protocol, *,
-                  rng: torch.Generator, lr: float | None = None, dsa_strategy: str = "color_crop_cutout_flip_scale_rotate",
+                  rng: torch.Generator, lr: float | None = None,
+                  dsa_strategy: str = "color_crop_cutout_flip_scale_rotate",
                   show_progress: bool = False) -> nn.Module:
     """Train ``net`` in place on ``images`` [N, C, H, W] with ``labels`` [N] (or soft [N, K]).
 
@@ -245,7 +247,8 @@ def check_compatible(synset: SyntheticSet, real: RealSet) -> None:
 
 def evaluate_synset(synset: SyntheticSet, real: RealSet, *, model: str | None = None,
                     protocol: str | Protocol | None = None, num_eval: int = 5, seed: int = 0,
-                    device: str | torch.device = "cpu", show_progress: bool = False, **protocol_overrides) -> EvalResult:
+                    device: str | torch.device = "cpu", show_progress: bool = False,
+                    **protocol_overrides) -> EvalResult:
     """Evaluate a synthetic set: its model and protocol default to the ones stored in the set."""
     check_compatible(synset, real)
     model = model or synset.meta.get("config", {}).get("model", "convnet")

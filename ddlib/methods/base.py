@@ -18,7 +18,7 @@ from ddlib.data import RealSet
 from ddlib.metrics import PeakMemory
 from ddlib.rng import generator
 from ddlib.synset import SyntheticSet, class_labels
-from ddlib.utils import progress, resolve_device
+from ddlib.utils import progress
 
 __all__ = ["DistillConfig", "Distiller", "DivergenceError", "INITS", "init_images", "distill_with",
            "autocast_context"]
@@ -167,7 +167,8 @@ class Distiller:
 Callback = Callable[[int, Distiller, dict], None]
 
 
-def distill_with(distiller: Distiller, *, callbacks: tuple[Callback, ...] = (), show_progress: bool = True) -> SyntheticSet:
+def distill_with(distiller: Distiller, *, callbacks: tuple[Callback, ...] = (),
+                 show_progress: bool = True) -> SyntheticSet:
     """Run ``distiller`` for ``cfg.iterations`` iterations and return its synthetic set.
 
     Every ``log_every`` iterations the step's scalars are copied to the host once, recorded in the
