@@ -133,9 +133,20 @@ def _environment() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {"ddlib": ddlib.__version__, "commit": commit or None, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
+            "python": platform.python_version(), "platform": platform.platform(), "processor": _cpu_name(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "threads": torch.get_num_threads()}
+
+
+def _cpu_name() -> str:
+    """The CPU model (platform.processor() is empty on most Linux systems)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _write_metrics(out: Path | None, metrics: dict[str, Any]) -> None:
