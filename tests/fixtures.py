@@ -5,6 +5,7 @@ and ``mhist/`` (CRLF annotations.csv + PNGs) under ``path``; the notebook tests 
 """
 from __future__ import annotations
 
+import gzip
 import struct
 from pathlib import Path
 
@@ -15,9 +16,11 @@ MHIST_HEADER = ["Image Name", "Majority Vote Label", "Number of Annotators who S
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
-    """An uint8 IDX file (MNIST's format): magic 0x0800 | ndim, then big-endian dims, then bytes."""
+    """An uint8 IDX file (MNIST's format: magic 0x0800 | ndim, big-endian dims, bytes), gzipped for .gz."""
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
+    payload = header + array.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
 
 
 def make_mnist(root: Path, train_per_class: int = 20, test_per_class: int = 5, seed: int = 0) -> Path:

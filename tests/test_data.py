@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures import write_idx
 from PIL import Image
 
 from ddlib import data
@@ -66,14 +67,6 @@ def write_mhist(folder: Path, rows=MHIST_ROWS, header: str = MHIST_HEADER) -> li
     for i, (name, row) in enumerate(zip(names, rows)):
         write_png(folder / "images" / name, row[3], seed=i)
     return names
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """``array`` (uint8) in the IDX format, gzipped when the name ends in .gz."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    payload = header + array.astype(np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
 
 
 def write_mnist(root: Path, gz: bool) -> None:
