@@ -38,6 +38,7 @@ __all__ = [
     "DatasetFormatError",
     "DatasetNotFoundError",
     "RealSet",
+    "denormalise",
     "from_tensors",
     "list_datasets",
     "load_dataset",
@@ -212,14 +213,28 @@ class RealSet:
 
     def denormalise(self, x: Tensor) -> Tensor:
         """Images ``[..., C, H, W]`` from the working space back to pixel scale ``[0, 1]`` (not clamped)."""
+        return denormalise(x, self.mean, self.std, self.zca)
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """Pixel-scale images ``[N, C, H, W]`` in ``[0, 1]`` into the working space (mean/std, then ZCA)."""
+        x = _normalise(x, self.mean, self.std)
         if self.zca is not None:
             from ddlib.augment import ZCA
 
-            # ZCA works on [N, C, H, W]; flatten leading dims so [K, n, C, H, W] batches work too
-            x = ZCA.from_state_dict(self.zca).inverse(x.reshape(-1, *x.shape[-3:])).view(x.shape)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        return x * std + mean
+            x = ZCA.from_state_dict(self.zca).transform(x)
+        return x
+
+
+def denormalise(x: Tensor, mean: Sequence[float], std: Sequence[float], zca: dict | None = None) -> Tensor:
+    """Images ``[..., C, H, W]`` from a working space (``zca`` state, then mean/std) to pixel scale (not clamped)."""
+    if zca is not None:
+        from ddlib.augment import ZCA
+
+        # ZCA works on [N, C, H, W]; flatten leading dims so [K, n, C, H, W] batches work too
+        x = ZCA.from_state_dict(zca).inverse(x.reshape(-1, *x.shape[-3:])).view(x.shape)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return x * s + m
 
 
 def _check_split(images: Tensor, labels: Tensor, num_classes: int, split: str) -> None:

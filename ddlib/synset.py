@@ -87,15 +87,12 @@ class SyntheticSet:
 
     def denormalised(self) -> Tensor:
         """Images back in pixel scale [0, 1] (clipped) for display: [N, C, H, W] on the CPU."""
+        from ddlib.data import denormalise
+
         x = self.images.detach().cpu().float()
         dataset = self.meta.get("dataset", {})
-        if self.meta.get("zca_state") is not None:
-            from ddlib.augment import ZCA
-
-            x = ZCA.from_state_dict(self.meta["zca_state"]).inverse(x)
-        mean = torch.tensor(dataset.get("mean", [0.0] * x.shape[1])).view(1, -1, 1, 1)
-        std = torch.tensor(dataset.get("std", [1.0] * x.shape[1])).view(1, -1, 1, 1)
-        return (x * std + mean).clamp(0, 1)
+        mean, std = dataset.get("mean", [0.0] * x.shape[1]), dataset.get("std", [1.0] * x.shape[1])
+        return denormalise(x, mean, std, self.meta.get("zca_state")).clamp(0, 1)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:

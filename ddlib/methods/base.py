@@ -83,18 +83,7 @@ def init_images(real: RealSet, images_per_class: int, init: str, rng: torch.Gene
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     value = pixels[init]
     x = torch.rand(shape, generator=rng) if value is None else torch.full(shape, value)
-    return _normalise(x, real)
-
-
-def _normalise(pixels: Tensor, real: RealSet) -> Tensor:
-    mean = torch.tensor(real.mean).view(1, -1, 1, 1)
-    std = torch.tensor(real.std).view(1, -1, 1, 1)
-    x = (pixels - mean) / std
-    if real.zca is not None:
-        from ddlib.augment import ZCA
-
-        x = ZCA.from_state_dict(real.zca).transform(x)
-    return x
+    return real.normalise(x)
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -141,6 +130,11 @@ class Distiller:
         loss.backward()
         self.optimizer.step()
 
+    def real_chunk(self, batch: int) -> int:
+        """Images per no-grad pass over a real batch of ``batch``: ``cfg.real_chunk``, else 32 on a CPU
+        (the first block's maps then stay in cache) and the whole batch on a GPU."""
+        return self.cfg.real_chunk or (batch if self.device.type == "cuda" else 32)
+
     @torch.no_grad()
     def embed_real(self, net: torch.nn.Module, x: Tensor) -> Tensor:
         """``net.embed(x)`` without gradients, [B, ...] -> [B, D], in chunks of ``cfg.real_chunk`` images.
@@ -148,7 +142,7 @@ class Distiller:
         Chunks keep the first block's large feature maps in cache, which is most of the CPU's time;
         BatchNorm networks see the whole batch at once, since their statistics depend on it.
         """
-        chunk = self.cfg.real_chunk or (x.shape[0] if self.device.type == "cuda" else 32)
+        chunk = self.real_chunk(x.shape[0])
         if getattr(net, "has_batchnorm", False) or chunk >= x.shape[0]:
             return net.embed(x)
         return torch.cat([net.embed(part) for part in x.split(chunk)])

@@ -154,7 +154,7 @@ class DataDAM(Distiller):
         """(loss, sam, mmd) for real [K, n, C, H, W] and synthetic [K, ipc, C, H, W] images through ``net``:
         one no-grad pass (or chunks) over all real images and one pass over all synthetic images."""
         cfg, k = self.cfg, self.num_classes
-        chunk = cfg.real_chunk or (real_x.shape[0] * real_x.shape[1] if self.device.type == "cuda" else 32)
+        chunk = self.real_chunk(real_x.shape[0] * real_x.shape[1])
         with self.autocast():
             real_maps, real_mean = _real_statistics(net, real_x.flatten(0, 1), k, chunk, cfg.power)
             maps, embedding = net.block_outputs(syn_x.flatten(0, 1))
