@@ -110,10 +110,21 @@ class Pool2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if min(x.shape[-2:]) < 2:
             return x
-        return F.avg_pool2d(x, 2, 2) if self.kind == "avg" else F.max_pool2d(x, 2, 2)
+        if self.kind == "max" and torch.is_grad_enabled():
+            return F.max_pool2d(x, 2, 2)  # its backward beats the slices' (the forward does not)
+        return _pool_2x2(x, torch.add if self.kind == "avg" else torch.maximum, 0.25 if self.kind == "avg" else 1.0)
 
     def extra_repr(self) -> str:
         return self.kind
+
+
+def _pool_2x2(x: Tensor, combine: Callable[[Tensor, Tensor], Tensor], scale: float) -> Tensor:
+    """2x2/2 pooling from strided slices: same values as ``F.avg_pool2d``/``F.max_pool2d`` (odd edges
+    dropped) but 4-10x faster on NCHW maps on a CPU, where the pooling kernels are not vectorised."""
+    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+    rows = combine(x[..., 0::2, :], x[..., 1::2, :])
+    out = combine(rows[..., 0::2], rows[..., 1::2])
+    return out * scale if scale != 1.0 else out
 
 
 def make_pool(kind: str) -> nn.Module:

@@ -51,7 +51,7 @@ def test_loss_pieces():
 
 
 def test_sam_and_mmd_are_zero_when_synthetic_equals_real(digits):
-    d = _distiller(digits, real_chunk=10_000)
+    d = _distiller(digits, chunk=10_000)
     real_x = digits.sample_per_class(6, generator(1))
     loss, sam, mmd = d.loss(d.net, real_x, real_x.clone())
     assert sam.item() == 0.0 and mmd.item() == 0.0 and loss.item() == 0.0

@@ -2,7 +2,8 @@
 
 Each iteration draws a fresh, frozen, randomly initialised network and moves the synthetic images so
 that every class's mean embedding matches the mean embedding of a batch of real images of that class,
-both seen through the same (siamese) DSA transform. All classes go through the network in one pass.
+both seen through the same (siamese) DSA transform. All classes go through the network in one pass
+(on a CPU: in cache-sized chunks of classes, with the same result).
 """
 from __future__ import annotations
 
@@ -47,8 +48,10 @@ class DM(Distiller):
         if self.dsa is not None:
             real_x, syn_x = self.dsa.siamese(real_x, syn_x, self.rng("dsa", iteration))
         with self.autocast():
-            real_mean = self.per_class(self.embed_real(net, real_x.flatten(0, 1))).float().mean(dim=1)
-            syn_mean = self.per_class(net.embed(syn_x.flatten(0, 1))).float().mean(dim=1)
-        loss = (real_mean - syn_mean).pow(2).sum()
-        self.update_images(loss)
-        return {"loss": loss.detach()}
+            real_mean = self.per_class(self.embed_real(net, real_x.flatten(0, 1))).float().mean(dim=1)  # [K, D]
+
+        def class_loss(syn_part: Tensor, classes: slice) -> dict[str, Tensor]:
+            syn_mean = net.embed(syn_part.flatten(0, 1)).float().view(*syn_part.shape[:2], -1).mean(dim=1)
+            return {"loss": (real_mean[classes] - syn_mean).pow(2).sum()}
+
+        return self.update_images_by_class(syn_x, class_loss, net)
