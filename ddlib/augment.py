@@ -367,7 +367,8 @@ class DSA:
         Classes draw independently. Returns tensors of the input shapes.
         """
         if real.dim() != 5 or syn.dim() != 5 or real.shape[0] != syn.shape[0] or real.shape[2:] != syn.shape[2:]:
-            raise ValueError(f"need real [K,n_r,C,H,W] and syn [K,n_s,C,H,W]; got {tuple(real.shape)}, {tuple(syn.shape)}")
+            raise ValueError(f"need real [K,n_r,C,H,W] and syn [K,n_s,C,H,W]; "
+                             f"got {tuple(real.shape)}, {tuple(syn.shape)}")
         classes = real.shape[0]
         draw = self.sample(classes, (real.shape[3], real.shape[4]), generator, op_per="group")
         return self._apply_per_class(real, draw), self._apply_per_class(syn, draw)
@@ -396,7 +397,8 @@ def _nearest_resize_index(out_size: Tensor, in_size: int, canvas: Tensor, window
     canvas of side ``canvas``, crop the centred ``window``; -1 where the canvas is empty (zero fill).
     """
     device = out_size.device
-    position = torch.arange(window, device=device) + (canvas[:, None] - window) // 2 - (canvas[:, None] - out_size[:, None]) // 2
+    position = (torch.arange(window, device=device) + (canvas[:, None] - window) // 2
+                - (canvas[:, None] - out_size[:, None]) // 2)
     # F.interpolate(mode="nearest"): src = floor(dst * (float32)in/out), as in ATen's nearest kernel.
     ratio = torch.tensor(float(in_size), dtype=torch.float32, device=device) / out_size.to(torch.float32)
     source = (position.to(torch.float32) * ratio[:, None]).floor().long().clamp(max=in_size - 1)

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="only write synset.pt")
 
     p = sub.add_parser("distill", help="learn a synthetic set")
-    p.add_argument("--method", default="dm", help="dm | datadam (all in `ddlib methods`)")
+    p.add_argument("--method", default="dm", help="dm | datadam | dc | dsa | dd (all in `ddlib methods`)")
     p.add_argument("--preset", default=None, help="a method's named settings (e.g. course, paper)")
     p.add_argument("--ipc", type=int, default=None, help="synthetic images per class (default 10)")
     p.add_argument("--iterations", type=int, default=None, help="outer iterations (method default)")
@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--power", type=float, default=None, help="datadam: attention power p (paper 4, released code 1)")
     p.add_argument("--mmd-weight", type=float, default=None, help="datadam: lambda, the weight of the embedding MMD")
     p.add_argument("--norm", default=None, help="datadam: the matching network's norm (instance | batch | ...)")
+    p.add_argument("--distance", default=None, help="dc/dsa: gradient distance, layerwise | mse | cos")
+    p.add_argument("--outer-loop", type=int, default=None, help="dc/dsa: outer steps per iteration (IPC table)")
+    p.add_argument("--inner-loop", type=int, default=None, help="dc/dsa: inner epochs per outer step (IPC table)")
+    p.add_argument("--lr-net", type=float, default=None, help="dc/dsa/dd: lr of the inner network training")
+    p.add_argument("--hessian-weight", type=float, default=None,
+                   help="dc/dsa: weight of the Hessian-vector-product distance (0 = plain DC)")
+    p.add_argument("--hessian-probes", type=int, default=None, help="dc/dsa: Rademacher directions per outer step")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other method setting, e.g. --set log_every=5")
     _add_data_flags(p)
@@ -304,7 +311,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     real = _load(args)
     overrides = dict(ipc=args.ipc, iterations=args.iterations, init=args.init, batch_real=args.batch_real,
                      lr_img=args.lr_img, model=args.model, precision=args.precision, power=args.power,
-                     mmd_weight=args.mmd_weight, norm=args.norm)
+                     mmd_weight=args.mmd_weight, norm=args.norm, distance=args.distance,
+                     outer_loop=args.outer_loop, inner_loop=args.inner_loop, lr_net=args.lr_net,
+                     hessian_weight=args.hessian_weight, hessian_probes=args.hessian_probes)
     overrides.update(_parse_sets(args.set))  # --set power=1 must not collide with the None of --power
     if args.no_dsa:
         overrides["dsa"] = False

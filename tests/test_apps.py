@@ -106,7 +106,10 @@ def test_validation_split_is_stratified_disjoint_and_never_uses_test():
     train_x = torch.arange(200, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 4, 4) / 2000
     test_x = (torch.arange(30, dtype=torch.float32) + 1000).view(-1, 1, 1, 1).expand(-1, 1, 4, 4) / 2000
     real = from_tensors("toy", train_x, train_y, test_x, torch.arange(10).repeat(3), mean=0.0, std=1.0)
-    ids = lambda x: set((x[:, 0, 0, 0] * 2000).round().long().tolist())
+
+    def ids(x):
+        return set((x[:, 0, 0, 0] * 2000).round().long().tolist())
+
     train_part, val = validation_split(real, fraction=0.1, seed=0)
     assert torch.bincount(val.test_labels, minlength=10).tolist() == [2] * 10       # stratified
     assert torch.bincount(train_part.train_labels, minlength=10).tolist() == [18] * 10

@@ -143,7 +143,8 @@ class NASResult:
         return {**out, "num_candidates": len(self.table), "speedup": self.speedup}
 
     def __repr__(self) -> str:
-        return (f"NASResult({len(self.table)} candidates, spearman={self.spearman:.3f}, best_proxy={self.best_proxy!r}, "
+        return (f"NASResult({len(self.table)} candidates, spearman={self.spearman:.3f}, "
+                f"best_proxy={self.best_proxy!r}, "
                 f"best_real={self.best_real!r}, search {self.proxy_seconds:.1f} s vs {self.real_seconds:.1f} s)")
 
 
@@ -201,7 +202,10 @@ def search(candidates: list[dict], proxy: SyntheticSet | tuple[Tensor, Tensor], 
     table["real_rank"] = table["real_accuracy"].rank(ascending=False, method="min").astype(int)
     best_proxy, best_real = table.loc[table["proxy_accuracy"].idxmax()], table.loc[table["real_accuracy"].idxmax()]
     k = min(top_k, len(table))
-    top = lambda column: set(table.nlargest(k, column)["name"])
+
+    def top(column: str) -> set:
+        return set(table.nlargest(k, column)["name"])
+
     return NASResult(table=table, spearman=spearman(proxy_acc, real_acc), best_proxy=best_proxy["name"],
                      best_real=best_real["name"], best_proxy_real_accuracy=float(best_proxy["real_accuracy"]),
                      proxy_seconds=proxy_total, real_seconds=real_total, top_k=k,

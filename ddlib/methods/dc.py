@@ -1,0 +1,277 @@
+"""DC and DSA: gradient matching (Zhao et al., ICLR 2021; Zhao & Bilen, ICML 2021; algorithms.md 2-3).
+
+Each iteration draws a fresh network. For each of ``outer`` steps, the per-class gradients of the
+cross-entropy on a real batch and on the synthetic images of that class are compared with a distance
+(DC's layer-wise, per-output-row cosine by default), the images take one SGD step on that distance,
+and then (except after the last outer step) the network trains for ``inner`` epochs on the current
+synthetic set. DSA adds the same (siamese) augmentation to both batches inside the matching and
+ordinary augmentation in the inner training.
+
+Per-class gradients come from ``torch.func``: ``vmap(grad(loss))`` over the class axis computes all
+K classes' gradients in one batched pass (``class_grads="batched"``); ``"loop"`` does one class at a
+time, for comparison and for models vmap cannot batch.
+
+The optional higher-order term (``hessian_weight > 0``) adds the distance between Hessian-vector
+products of the real and synthetic losses, ``H v`` along Rademacher directions ``v`` of the parameters,
+computed forward-over-reverse (``jvp`` of ``grad``). Each probe costs about two more gradient passes
+over the real batch and a third-order pass through the synthetic images (about 3-4x a DC outer step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from ddlib.evaluate import Protocol, train_network
+from ddlib.methods.base import DistillConfig, Distiller
+from ddlib.methods.registry import register_method
+from ddlib.models import get_network, init_parameters_
+
+__all__ = ["DCConfig", "DSAConfig", "DC", "DSAMethod", "loops_for", "class_gradients", "gradient_distance",
+           "class_hvps", "DISTANCES"]
+
+DISTANCES = ("layerwise", "mse", "cos")
+
+# DC's (outer, inner) table (utils.get_loops); other IPCs follow loops_for's rule.
+LOOP_TABLE = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+
+
+@dataclass
+class DCConfig(DistillConfig):
+    """DC's settings; defaults are the official code's (main.py --method DC)."""
+
+    iterations: int = 1000           # outer iterations, each with a fresh network
+    lr_img: float = 0.1              # SGD lr of the images (the README: 0.01 for MLP)
+    batch_real: int = 256            # real images per class per outer step
+    init: str = "noise"              # the official DC default
+    dsa: bool = False                # DC matches plain images; the dsa method turns this on
+    lr_net: float = 0.01             # SGD lr (no momentum) of the inner training on the synthetic set
+    batch_train: int = 256           # batch of the inner training
+    outer_loop: int = 0              # outer steps per iteration (0: the IPC table, see loops_for)
+    inner_loop: int = 0              # inner epochs after each outer step but the last (0: the IPC table)
+    distance: str = "layerwise"      # layerwise (DC's per-row cosine, 1-D tensors ignored) | mse | cos
+    bn_real: int = 16                # real images per class that set BatchNorm statistics before matching
+    hessian_weight: float = 0.0      # weight of the Hessian-vector-product distance (0: plain DC)
+    hessian_probes: int = 1          # Rademacher directions per outer step for that term
+    class_grads: str = "batched"     # batched (torch.func.vmap over classes) | loop (one class at a time)
+
+
+@dataclass
+class DSAConfig(DCConfig):
+    """DSA = DC with siamese augmentation in the matching (the README's command: real init)."""
+
+    dsa: bool = True
+    init: str = "real"
+
+
+def loops_for(images_per_class: int) -> tuple[int, int]:
+    """DC's (outer, inner) for an IPC: the table's row where it has one; otherwise outer = IPC (at most
+    50) and inner interpolated linearly between the table's rows (50 below IPC 10, 10 above IPC 50)."""
+    if images_per_class in LOOP_TABLE:
+        return LOOP_TABLE[images_per_class]
+    if images_per_class < 1:
+        raise ValueError(f"images per class must be >= 1, got {images_per_class}")
+    outer = min(images_per_class, 50)
+    rows = sorted((ipc, inner) for ipc, (_, inner) in LOOP_TABLE.items() if ipc >= 10)
+    if images_per_class <= rows[0][0]:
+        return outer, rows[0][1]
+    if images_per_class >= rows[-1][0]:
+        return outer, rows[-1][1]
+    for (lo, inner_lo), (hi, inner_hi) in zip(rows, rows[1:]):
+        if lo <= images_per_class <= hi:
+            return outer, round(inner_lo + (inner_hi - inner_lo) * (images_per_class - lo) / (hi - lo))
+    raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------------- per-class grads
+def _class_loss(net: nn.Module, buffers: dict[str, Tensor]) -> Callable[..., Tensor]:
+    """``loss(params, x [n, C, H, W], y [n]) -> mean cross-entropy`` of ``net`` run functionally."""
+    def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(net, (params, buffers), (x,)), y)
+    return loss
+
+
+def _per_class(fn: Callable, x: Tensor, y: Tensor, batched: bool):
+    """``fn(x_c, y_c)`` for every class of x [K, n, ...], stacked on a new leading axis."""
+    if batched:
+        return vmap(fn)(x, y)
+    outs = [fn(xc, yc) for xc, yc in zip(x, y)]
+    return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
+
+
+def class_gradients(net: nn.Module, x: Tensor, y: Tensor, *, batched: bool = True,
+                    chunk: int = 0) -> dict[str, Tensor]:
+    """Gradients of each class's mean cross-entropy w.r.t. ``net``'s parameters.
+
+    x: [K, n, C, H, W], y: [K, n] -> {name: [K, *param.shape]}. Differentiable w.r.t. x when x requires
+    grad (the synthetic side); with ``chunk`` the n images of each class go through in slices of at
+    most ``chunk`` and their gradients are averaged (equal to one pass; cache-friendly on a CPU).
+    """
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    loss = _class_loss(net, dict(net.named_buffers()))
+    fn = lambda xc, yc: grad(loss)(params, xc, yc)  # noqa: E731
+    n = x.shape[1]
+    if not chunk or chunk >= n:
+        return _per_class(fn, x, y, batched)
+    total: dict[str, Tensor] = {}
+    for xs, ys in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):
+        part = _per_class(fn, xs, ys, batched)
+        for k, g in part.items():
+            total[k] = total[k] + g * (xs.shape[1] / n) if k in total else g * (xs.shape[1] / n)
+    return total
+
+
+def class_hvps(net: nn.Module, x: Tensor, y: Tensor, directions: dict[str, Tensor], *,
+               batched: bool = True) -> dict[str, Tensor]:
+    """Hessian-vector products ``H_c v`` of each class's mean cross-entropy along ``directions`` (one v
+    shared by the classes), forward-over-reverse: x [K, n, ...] -> {name: [K, *param.shape]}."""
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    loss = _class_loss(net, dict(net.named_buffers()))
+
+    def hvp(xc: Tensor, yc: Tensor) -> dict[str, Tensor]:
+        return jvp(lambda p: grad(loss)(p, xc, yc), (params,), (directions,))[1]
+
+    return _per_class(hvp, x, y, batched)
+
+
+# ---------------------------------------------------------------------------------------- distances
+def gradient_distance(syn: dict[str, Tensor], real: dict[str, Tensor], kind: str = "layerwise") -> Tensor:
+    """Distance between per-class gradients {name: [K, *shape]}, summed over classes.
+
+    layerwise (DC's 'ours'): every tensor with >= 2 dims reshaped to [out, rest] (conv [o, i, h, w] ->
+    [o, i*h*w]), ``sum_rows 1 - <a, b> / (|a| |b| + 1e-6)``; 1-D tensors (biases, norm weights) add 0.
+    mse: squared error over all parameters; cos: 1 - cosine of the concatenated gradient vectors.
+    """
+    if kind == "layerwise":
+        total = next(iter(syn.values())).new_zeros(())
+        for name, a in syn.items():
+            if a.dim() <= 2:  # [K, out]: a 1-D parameter
+                continue
+            a, b = a.flatten(2), real[name].flatten(2)  # [K, out, rest]
+            dot = (a * b).sum(-1)
+            total = total + (1 - dot / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-6)).sum()
+        return total
+    a = torch.cat([g.flatten(1) for g in syn.values()], dim=1)  # [K, P]
+    b = torch.cat([real[name].flatten(1) for name in syn], dim=1)
+    if kind == "mse":
+        return (a - b).pow(2).sum()
+    if kind == "cos":
+        return (1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-6)).sum()
+    raise ValueError(f"unknown distance {kind!r}; choose one of {', '.join(DISTANCES)}")
+
+
+# ------------------------------------------------------------------------------------------- method
+def rademacher_like(params: dict[str, Tensor], rng: torch.Generator) -> dict[str, Tensor]:
+    """Random +-1 directions with the parameters' shapes (drawn on the CPU from ``rng``)."""
+    return {k: (torch.randint(0, 2, p.shape, generator=rng) * 2 - 1).to(p) for k, p in params.items()}
+
+
+@register_method("dc")
+class DC(Distiller):
+    name = "dc"
+    Config = DCConfig
+    PRESETS: ClassVar[dict[str, dict]] = {
+        # The course's Table 1 for MNIST (K = 100 networks, T = 10 outer steps, zeta_theta = 50 inner
+        # epochs, eta_S = 0.1, eta_theta = 0.01, minibatch 256); MHIST: --iterations 200 --batch-real 128.
+        "course": dict(iterations=100, outer_loop=10, inner_loop=50, lr_img=0.1, lr_net=0.01, batch_real=256,
+                       ipc=10),
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg, real = self.cfg, self.real
+        if cfg.distance not in DISTANCES:
+            raise ValueError(f"unknown distance {cfg.distance!r}; choose one of {', '.join(DISTANCES)}")
+        if cfg.class_grads not in ("batched", "loop"):
+            raise ValueError(f"class_grads must be 'batched' or 'loop', got {cfg.class_grads!r}")
+        table_outer, table_inner = loops_for(cfg.ipc)
+        self.outer, self.inner = cfg.outer_loop or table_outer, cfg.inner_loop or table_inner
+        self.net = get_network(cfg.model, real.channels, real.num_classes, real.image_size, device=self.device)
+        self.inner_protocol = Protocol(name="dc-inner", epochs=self.inner, lr=cfg.lr_net, momentum=0.0,
+                                       weight_decay=0.0, batch_size=cfg.batch_train, schedule="constant",
+                                       augment="dsa" if cfg.dsa else "none", extra_epoch=False)
+        self.real_labels = torch.arange(real.num_classes, device=self.device)[:, None].expand(-1, cfg.batch_real)
+        self.syn_labels = self.per_class(self.labels)
+
+    def freeze_batchnorm(self, iteration: int, outer: int) -> None:
+        """BatchNorm nets: statistics from ``bn_real`` real images per class in train mode, then frozen
+        (eval mode) for the matching, as DC does; other nets are left alone."""
+        net = self.net
+        if not getattr(net, "has_batchnorm", False):
+            return
+        x = self.real.sample_per_class(self.cfg.bn_real, self.rng("bn", iteration, outer)).flatten(0, 1)
+        net.train()
+        with torch.no_grad():
+            net(x)
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    def matching_loss(self, real_x: Tensor, syn_x: Tensor, rng: torch.Generator) -> dict[str, Tensor]:
+        """Gradient distance (plus the weighted HVP distance) for real [K, n, ...] and synthetic [K, ipc, ...]."""
+        cfg, net = self.cfg, self.net
+        batched = cfg.class_grads == "batched"
+        with torch.no_grad():
+            g_real = class_gradients(net, real_x, self.real_labels[:, :real_x.shape[1]], batched=batched,
+                                     chunk=self._real_chunk(real_x))
+        g_syn = class_gradients(net, syn_x, self.syn_labels, batched=batched)
+        loss = gradient_distance(g_syn, g_real, cfg.distance)
+        out = {"grad_distance": loss.detach()}
+        if cfg.hessian_weight > 0:
+            params = {k: v.detach() for k, v in net.named_parameters()}
+            hess = loss.new_zeros(())
+            for _ in range(cfg.hessian_probes):
+                v = rademacher_like(params, rng)
+                with torch.no_grad():
+                    h_real = class_hvps(net, real_x, self.real_labels[:, :real_x.shape[1]], v, batched=batched)
+                hess = hess + gradient_distance(class_hvps(net, syn_x, self.syn_labels, v, batched=batched),
+                                                h_real, cfg.distance)
+            hess = hess / cfg.hessian_probes
+            loss = loss + cfg.hessian_weight * hess
+            out["hvp_distance"] = hess.detach()
+        out["loss"] = loss
+        return out
+
+    def _real_chunk(self, real_x: Tensor) -> int:
+        """Real images per class per pass: everything on a GPU, ~``chunk_size`` images per pass on a CPU."""
+        if getattr(self.net, "has_batchnorm", False):
+            return 0  # frozen statistics make chunks exact too, but keep BN nets' passes whole
+        return max(1, self.chunk_size(real_x.shape[0] * real_x.shape[1]) // real_x.shape[0])
+
+    def step(self, iteration: int) -> dict[str, Tensor]:
+        cfg, net = self.cfg, self.net
+        init_parameters_(net, self.rng("net", iteration))
+        net.requires_grad_(True)
+        totals: dict[str, Tensor] = {}
+        for outer in range(self.outer):
+            self.freeze_batchnorm(iteration, outer)
+            real_x = self.real.sample_per_class(cfg.batch_real, self.rng("real", iteration, outer))
+            syn_x = self.per_class(self.images)
+            if self.dsa is not None:
+                real_x, syn_x = self.dsa.siamese(real_x, syn_x, self.rng("dsa", iteration, outer))
+            with self.autocast():
+                parts = self.matching_loss(real_x, syn_x, self.rng("hvp", iteration, outer))
+            self.update_images(parts["loss"])
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0) + value.detach() / self.outer
+            if outer == self.outer - 1:
+                break
+            net.train()
+            train_network(net, self.images.detach(), self.labels, self.inner_protocol,
+                          rng=self.rng("inner", iteration, outer), dsa_strategy=self._dsa_strategy())
+        return totals
+
+    def _dsa_strategy(self) -> str:
+        return self.dsa.strategy if self.dsa is not None else ""
+
+
+@register_method("dsa")
+class DSAMethod(DC):
+    """DC with differentiable siamese augmentation (``--method dsa``)."""
+
+    name = "dsa"
+    Config = DSAConfig
