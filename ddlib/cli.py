@@ -267,6 +267,13 @@ def _evaluate_and_report(synset, real, args, protocol, out: Path | None, extra: 
     model = args.eval_model or synset.meta.get("config", {}).get("model", "convnet")
     metrics = dict(extra)
     metrics.update(model=model, num_eval=args.num_eval, eval_epochs=protocol.epochs, protocol=protocol.name)
+    if not getattr(args, "no_eval", False) and "dd" in synset.meta:
+        from ddlib.methods.dd import replay
+
+        replayed = replay(synset, real, num_eval=args.num_eval, seed=args.seed, device=device)
+        metrics.update(_eval_fields(replayed, prefix="replay_"))
+        print(f"dd replay of the learned steps ({'fixed' if replayed.protocol['fixed_init'] else 'fresh'} "
+              f"init): {_pct(replayed)}")
     if not getattr(args, "no_eval", False):
         print(f"evaluating on {model}: {args.num_eval} networks, {protocol.describe()}")
         result = evaluate_synset(synset, real, model=model, protocol=protocol, num_eval=args.num_eval,

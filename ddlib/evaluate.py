@@ -17,13 +17,13 @@ from torch import Tensor, nn
 from ddlib.augment import DSA, dc_augment, default_strategy
 from ddlib.data import RealSet
 from ddlib.metrics import PeakMemory, classification_metrics, count_flops, mean_std
-from ddlib.models import get_network
+from ddlib.models import get_network, has_batchnorm
 from ddlib.rng import generator
 from ddlib.synset import SyntheticSet
-from ddlib.utils import progress
+from ddlib.utils import pass_size, progress
 
 __all__ = ["Protocol", "PROTOCOLS", "get_protocol", "EvalResult", "train_network", "test_network",
-           "evaluate", "evaluate_synset", "evaluate_full", "DatasetMismatchError"]
+           "evaluate", "evaluate_synset", "evaluate_full", "evaluate_snapshots", "DatasetMismatchError"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,9 @@ def train_network(net: nn.Module, images: Tensor, labels: Tensor, protocol: Prot
     optimizer = make_opt(base_lr)
     epochs = protocol.epochs + (1 if protocol.extra_epoch else 0)
     n, device = images.shape[0], images.device
+    # Gradient accumulation over cache-sized slices on a CPU: the same gradient (up to float rounding),
+    # ~1.5x faster for ConvNets. BatchNorm nets train on whole batches (their statistics depend on them).
+    split = protocol.batch_size if has_batchnorm(net) else pass_size(device, protocol.batch_size)
     net.train()
     for epoch in progress(range(epochs), desc="train", enable=show_progress):
         if protocol.schedule == "cosine":
@@ -163,10 +166,10 @@ def train_network(net: nn.Module, images: Tensor, labels: Tensor, protocol: Prot
         order = torch.randperm(n, generator=rng).to(device)
         for start in range(0, n, protocol.batch_size):
             idx = order[start:start + protocol.batch_size]
-            x = augment(images[idx], rng)
-            loss = _loss(net(x), labels[idx])
+            x, y = augment(images[idx], rng), labels[idx]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for part_x, part_y in zip(x.split(split), y.split(split)):
+                (_loss(net(part_x), part_y) * (part_x.shape[0] / x.shape[0])).backward()
             optimizer.step()
         if protocol.schedule == "step" and epoch == protocol.epochs // 2 + 1:
             optimizer = make_opt(base_lr * 0.1)  # a fresh optimiser, as the official code (momentum reset)
@@ -268,3 +271,30 @@ def evaluate_full(real: RealSet, *, model: str = "convnet", protocol: str | Prot
     protocol = get_protocol(protocol, **protocol_overrides)
     return evaluate(real.train_images, real.train_labels, real, model=model, protocol=protocol,
                     num_eval=num_eval, seed=seed, device=device, show_progress=show_progress)
+
+
+def evaluate_snapshots(synset: SyntheticSet, real: RealSet, *, every: int = 1, model: str | None = None,
+                       protocol: str | Protocol | None = None, num_eval: int = 1, seed: int = 0,
+                       device: str | torch.device = "cpu", **protocol_overrides) -> list[dict[str, Any]]:
+    """Accuracy against iteration: every saved snapshot of ``synset`` (``meta["snapshots"]``) whose
+    iteration is a multiple of ``every``, and always the last one, evaluated like ``evaluate_synset``.
+
+    Returns one record per snapshot: iteration, accuracy_mean/std (fractions), balanced accuracy, seconds
+    into the distillation when the history records it.
+    """
+    snaps = synset.meta.get("snapshots")
+    if not snaps:
+        raise ValueError("the synthetic set has no snapshots; distil it with snapshot_every > 0")
+    history = synset.meta.get("history", {})
+    seconds = dict(zip(history.get("iteration", []), history.get("seconds", [])))
+    last = snaps["iterations"][-1]
+    records = []
+    for iteration, images in zip(snaps["iterations"], snaps["images"]):
+        if iteration % max(every, 1) and iteration != last:
+            continue
+        snap = SyntheticSet(images.float(), synset.labels, synset.lr, synset.meta)
+        s = evaluate_synset(snap, real, model=model, protocol=protocol, num_eval=num_eval, seed=seed,
+                            device=device, **protocol_overrides).summary()
+        records.append({"iteration": iteration, "seconds": seconds.get(iteration, 0.0 if iteration == 0 else None),
+                        **{k: s[k] for k in ("accuracy_mean", "accuracy_std", "balanced_accuracy_mean")}})
+    return records

@@ -32,7 +32,7 @@ from ddlib import rng
 
 __all__ = [
     "MLP", "VGG", "AlexNet", "BasicBlock", "ConvBlock", "ConvNet", "DDNet", "LeNet", "Pool2d", "ResNet",
-    "get_network", "init_parameters_", "list_models", "make_norm", "register_model",
+    "get_network", "has_batchnorm", "init_parameters_", "list_models", "make_norm", "register_model",
 ]
 
 Shape = tuple[int, int, int]  # [C, H, W] of one sample
@@ -175,6 +175,11 @@ def _fit_padding(size: int, kernel: int, padding: int) -> int:
 # Models
 # ------------------------------------------------------------------------------------------------
 
+def has_batchnorm(net: nn.Module) -> bool:
+    """Whether ``net`` normalises with batch statistics (its outputs then depend on the whole batch)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
 class DDNet(nn.Module):
     """Base class: ``forward(x) = classifier(embed(x))``; subclasses implement ``_embed(x, taps)``."""
 
@@ -218,7 +223,7 @@ class DDNet(nn.Module):
 
     @property
     def has_batchnorm(self) -> bool:
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+        return has_batchnorm(self)
 
 
 class ConvNet(DDNet):

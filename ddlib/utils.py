@@ -6,7 +6,11 @@ from typing import Iterable, TypeVar
 
 import torch
 
-__all__ = ["resolve_device", "progress", "progress_enabled"]
+__all__ = ["resolve_device", "progress", "progress_enabled", "pass_size", "CPU_PASS_IMAGES"]
+
+# Images per network pass on a CPU: the first block's maps of ~32 MNIST/CIFAR images (128 channels,
+# 32 x 32) stay in cache, which makes the memory-bound norms, activations and poolings ~1.5-2x faster.
+CPU_PASS_IMAGES = 32
 
 T = TypeVar("T")
 
@@ -19,6 +23,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     return device
+
+
+def pass_size(device: torch.device, batch: int, override: int = 0) -> int:
+    """Images per network pass over a batch of ``batch``: ``override`` when set, else the whole batch on a
+    GPU and ``CPU_PASS_IMAGES`` on a CPU. Callers split only where the result does not depend on it."""
+    return override or (batch if device.type == "cuda" else CPU_PASS_IMAGES)
 
 
 def progress_enabled() -> bool:

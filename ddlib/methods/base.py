@@ -16,9 +16,10 @@ from torch import Tensor
 from ddlib.augment import DSA, default_strategy
 from ddlib.data import RealSet
 from ddlib.metrics import PeakMemory
+from ddlib.models import has_batchnorm
 from ddlib.rng import generator
 from ddlib.synset import SyntheticSet, class_labels
-from ddlib.utils import progress
+from ddlib.utils import pass_size, progress
 
 __all__ = ["DistillConfig", "Distiller", "DivergenceError", "INITS", "init_images", "distill_with",
            "autocast_context"]
@@ -160,15 +161,14 @@ class Distiller:
     def class_chunks(self, net: torch.nn.Module, per_class: int) -> list[slice]:
         """Slices over the K classes, each holding about ``chunk`` images of ``per_class`` per class."""
         k = self.num_classes
-        if getattr(net, "has_batchnorm", False) or self.device.type == "cuda" and not self.cfg.chunk:
+        if has_batchnorm(net) or self.device.type == "cuda" and not self.cfg.chunk:
             return [slice(0, k)]
         step = max(1, self.chunk_size(k * per_class) // per_class)
         return [slice(start, min(start + step, k)) for start in range(0, k, step)]
 
     def chunk_size(self, batch: int) -> int:
-        """Images per network pass over a batch of ``batch``: ``cfg.chunk``, else 32 on a CPU (the first
-        block's maps then stay in cache) and the whole batch on a GPU."""
-        return self.cfg.chunk or (batch if self.device.type == "cuda" else 32)
+        """Images per network pass over a batch of ``batch`` (``cfg.chunk``, else ``utils.pass_size``)."""
+        return pass_size(self.device, batch, self.cfg.chunk)
 
     @torch.no_grad()
     def embed_real(self, net: torch.nn.Module, x: Tensor) -> Tensor:
@@ -177,7 +177,7 @@ class Distiller:
         BatchNorm networks see the whole batch at once, since their statistics depend on it.
         """
         chunk = self.chunk_size(x.shape[0])
-        if getattr(net, "has_batchnorm", False) or chunk >= x.shape[0]:
+        if has_batchnorm(net) or chunk >= x.shape[0]:
             return net.embed(x)
         return torch.cat([net.embed(part) for part in x.split(chunk)])
 

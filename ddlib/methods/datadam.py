@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ddlib.methods.base import DistillConfig, Distiller
 from ddlib.methods.registry import register_method
-from ddlib.models import get_network, init_parameters_
+from ddlib.models import get_network, has_batchnorm, init_parameters_
 
 __all__ = ["DataDAMConfig", "DataDAM", "attention_map", "class_means", "sam_loss", "mmd_loss"]
 
@@ -102,7 +102,7 @@ def _real_statistics(net: nn.Module, x: Tensor, num_classes: int, chunk: int,
     ``chunk`` images (the first block's maps stay in cache: much faster on a CPU), accumulating class
     sums; BatchNorm nets see the whole batch at once, since their statistics depend on it.
     """
-    if getattr(net, "has_batchnorm", False) or chunk >= x.shape[0]:
+    if has_batchnorm(net) or chunk >= x.shape[0]:
         maps, embedding = net.block_outputs(x)
         return ([class_means(attention_map(m, power), num_classes) for m in maps[:-1]],
                 class_means(embedding.float(), num_classes))

@@ -8,8 +8,9 @@ synthetic set. DSA adds the same (siamese) augmentation to both batches inside t
 ordinary augmentation in the inner training.
 
 Per-class gradients come from ``torch.func``: ``vmap(grad(loss))`` over the class axis computes all
-K classes' gradients in one batched pass (``class_grads="batched"``); ``"loop"`` does one class at a
-time, for comparison and for models vmap cannot batch.
+K classes' gradients in one batched pass (``class_grads="batched"``, the default on a GPU); ``"loop"``
+runs plain autograd one class at a time in cache-sized chunks, which is about twice as fast on a CPU
+(measured: 8.2 s vs 19-38 s for the 10 x 256 real MNIST images of one ConvNet-3 outer step).
 
 The optional higher-order term (``hessian_weight > 0``) adds the distance between Hessian-vector
 products of the real and synthetic losses, ``H v`` along Rademacher directions ``v`` of the parameters,
@@ -18,6 +19,7 @@ over the real batch and a third-order pass through the synthetic images (about 3
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -29,7 +31,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from ddlib.evaluate import Protocol, train_network
 from ddlib.methods.base import DistillConfig, Distiller
 from ddlib.methods.registry import register_method
-from ddlib.models import get_network, init_parameters_
+from ddlib.models import get_network, has_batchnorm, init_parameters_
 
 __all__ = ["DCConfig", "DSAConfig", "DC", "DSAMethod", "loops_for", "class_gradients", "gradient_distance",
            "class_hvps", "DISTANCES"]
@@ -57,7 +59,8 @@ class DCConfig(DistillConfig):
     bn_real: int = 16                # real images per class that set BatchNorm statistics before matching
     hessian_weight: float = 0.0      # weight of the Hessian-vector-product distance (0: plain DC)
     hessian_probes: int = 1          # Rademacher directions per outer step for that term
-    class_grads: str = "batched"     # batched (torch.func.vmap over classes) | loop (one class at a time)
+    class_grads: str = "auto"        # batched (torch.func.vmap over classes) | loop (plain autograd, one class
+                                     # at a time) | auto: batched on a GPU, loop on a CPU (2x faster there)
 
 
 @dataclass
@@ -111,6 +114,8 @@ def class_gradients(net: nn.Module, x: Tensor, y: Tensor, *, batched: bool = Tru
     grad (the synthetic side); with ``chunk`` the n images of each class go through in slices of at
     most ``chunk`` and their gradients are averaged (equal to one pass; cache-friendly on a CPU).
     """
+    if not batched:
+        return _looped_gradients(net, x, y, chunk)
     params = {k: v.detach() for k, v in net.named_parameters()}
     loss = _class_loss(net, dict(net.named_buffers()))
     fn = lambda xc, yc: grad(loss)(params, xc, yc)  # noqa: E731
@@ -125,6 +130,23 @@ def class_gradients(net: nn.Module, x: Tensor, y: Tensor, *, batched: bool = Tru
     return total
 
 
+def _looped_gradients(net: nn.Module, x: Tensor, y: Tensor, chunk: int) -> dict[str, Tensor]:
+    """``class_gradients`` by plain autograd, one class (and ``chunk`` images) at a time; keeps the graph
+    to x when x requires grad."""
+    names, params = zip(*net.named_parameters())
+    n, create_graph = x.shape[1], x.requires_grad
+    per_class = []
+    with torch.enable_grad():
+        for xc, yc in zip(x, y):
+            total = None
+            for xs, ys in zip(xc.split(chunk or n), yc.split(chunk or n)):
+                loss = F.cross_entropy(net(xs), ys, reduction="sum") / n
+                g = torch.autograd.grad(loss, [p.requires_grad_() for p in params], create_graph=create_graph)
+                total = list(g) if total is None else [a + b for a, b in zip(total, g)]
+            per_class.append(total if create_graph else [t.detach() for t in total])
+    return {name: torch.stack([g[i] for g in per_class]) for i, name in enumerate(names)}
+
+
 def class_hvps(net: nn.Module, x: Tensor, y: Tensor, directions: dict[str, Tensor], *,
                batched: bool = True) -> dict[str, Tensor]:
     """Hessian-vector products ``H_c v`` of each class's mean cross-entropy along ``directions`` (one v
@@ -135,7 +157,9 @@ def class_hvps(net: nn.Module, x: Tensor, y: Tensor, directions: dict[str, Tenso
     def hvp(xc: Tensor, yc: Tensor) -> dict[str, Tensor]:
         return jvp(lambda p: grad(loss)(p, xc, yc), (params,), (directions,))[1]
 
-    return _per_class(hvp, x, y, batched)
+    with warnings.catch_warnings():  # forward-mode AD scripts torch's own decompositions on first use
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        return _per_class(hvp, x, y, batched)
 
 
 # ---------------------------------------------------------------------------------------- distances
@@ -186,8 +210,9 @@ class DC(Distiller):
         cfg, real = self.cfg, self.real
         if cfg.distance not in DISTANCES:
             raise ValueError(f"unknown distance {cfg.distance!r}; choose one of {', '.join(DISTANCES)}")
-        if cfg.class_grads not in ("batched", "loop"):
-            raise ValueError(f"class_grads must be 'batched' or 'loop', got {cfg.class_grads!r}")
+        if cfg.class_grads not in ("auto", "batched", "loop"):
+            raise ValueError(f"class_grads must be 'auto', 'batched' or 'loop', got {cfg.class_grads!r}")
+        self.batched = cfg.class_grads == "batched" or (cfg.class_grads == "auto" and self.device.type == "cuda")
         table_outer, table_inner = loops_for(cfg.ipc)
         self.outer, self.inner = cfg.outer_loop or table_outer, cfg.inner_loop or table_inner
         self.net = get_network(cfg.model, real.channels, real.num_classes, real.image_size, device=self.device)
@@ -201,7 +226,7 @@ class DC(Distiller):
         """BatchNorm nets: statistics from ``bn_real`` real images per class in train mode, then frozen
         (eval mode) for the matching, as DC does; other nets are left alone."""
         net = self.net
-        if not getattr(net, "has_batchnorm", False):
+        if not has_batchnorm(net):
             return
         x = self.real.sample_per_class(self.cfg.bn_real, self.rng("bn", iteration, outer)).flatten(0, 1)
         net.train()
@@ -213,8 +238,7 @@ class DC(Distiller):
 
     def matching_loss(self, real_x: Tensor, syn_x: Tensor, rng: torch.Generator) -> dict[str, Tensor]:
         """Gradient distance (plus the weighted HVP distance) for real [K, n, ...] and synthetic [K, ipc, ...]."""
-        cfg, net = self.cfg, self.net
-        batched = cfg.class_grads == "batched"
+        cfg, net, batched = self.cfg, self.net, self.batched
         with torch.no_grad():
             g_real = class_gradients(net, real_x, self.real_labels[:, :real_x.shape[1]], batched=batched,
                                      chunk=self._real_chunk(real_x))
@@ -237,33 +261,37 @@ class DC(Distiller):
         return out
 
     def _real_chunk(self, real_x: Tensor) -> int:
-        """Real images per class per pass: everything on a GPU, ~``chunk_size`` images per pass on a CPU."""
-        if getattr(self.net, "has_batchnorm", False):
-            return 0  # frozen statistics make chunks exact too, but keep BN nets' passes whole
-        return max(1, self.chunk_size(real_x.shape[0] * real_x.shape[1]) // real_x.shape[0])
+        """Real images per class per pass: everything on a GPU, ~``chunk_size`` images per pass on a CPU
+        (vmap passes all classes at once, so each class gets its share of that)."""
+        images = self.chunk_size(real_x.shape[0] * real_x.shape[1])
+        return max(1, images // real_x.shape[0]) if self.batched else images
 
     def step(self, iteration: int) -> dict[str, Tensor]:
-        cfg, net = self.cfg, self.net
-        init_parameters_(net, self.rng("net", iteration))
-        net.requires_grad_(True)
+        init_parameters_(self.net, self.rng("net", iteration))
+        self.net.requires_grad_(True)
         totals: dict[str, Tensor] = {}
         for outer in range(self.outer):
-            self.freeze_batchnorm(iteration, outer)
-            real_x = self.real.sample_per_class(cfg.batch_real, self.rng("real", iteration, outer))
-            syn_x = self.per_class(self.images)
-            if self.dsa is not None:
-                real_x, syn_x = self.dsa.siamese(real_x, syn_x, self.rng("dsa", iteration, outer))
-            with self.autocast():
-                parts = self.matching_loss(real_x, syn_x, self.rng("hvp", iteration, outer))
-            self.update_images(parts["loss"])
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0) + value.detach() / self.outer
-            if outer == self.outer - 1:
-                break
+            for key, value in self.outer_step(iteration, outer).items():
+                totals[key] = totals.get(key, 0) + value / self.outer
+        return totals
+
+    def outer_step(self, iteration: int, outer: int) -> dict[str, Tensor]:
+        """One matching update of the images, then (except after the last outer step) ``inner`` epochs of
+        training of the network on the current synthetic set. Returns the detached loss parts."""
+        cfg, net = self.cfg, self.net
+        self.freeze_batchnorm(iteration, outer)
+        real_x = self.real.sample_per_class(cfg.batch_real, self.rng("real", iteration, outer))
+        syn_x = self.per_class(self.images)
+        if self.dsa is not None:
+            real_x, syn_x = self.dsa.siamese(real_x, syn_x, self.rng("dsa", iteration, outer))
+        with self.autocast():
+            parts = self.matching_loss(real_x, syn_x, self.rng("hvp", iteration, outer))
+        self.update_images(parts["loss"])
+        if outer < self.outer - 1:
             net.train()
             train_network(net, self.images.detach(), self.labels, self.inner_protocol,
                           rng=self.rng("inner", iteration, outer), dsa_strategy=self._dsa_strategy())
-        return totals
+        return {key: value.detach() for key, value in parts.items()}
 
     def _dsa_strategy(self) -> str:
         return self.dsa.strategy if self.dsa is not None else ""

@@ -1,0 +1,1 @@
+"""Benchmarks of ddlib methods (see bench/README.md)."""

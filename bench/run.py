@@ -1,0 +1,185 @@
+"""Cost of one iteration of every distillation method: ``python -m bench [--quick] [--only NAME ...]``.
+
+Each entry builds the method's ``Distiller`` on real data, runs warm-up iterations, then times
+``--repeats`` iterations (or DC's outer steps), and writes one JSON per entry under ``--out`` plus a
+markdown table (``table.md``). FLOPs per iteration are counted with ``torch.utils.flop_counter``
+(matrix products and convolutions, FLOP = 2 x MAC) over one timed unit; the achieved FLOP/s is compared
+with this machine's fp32 matmul rate, measured in the same run. Timings are medians after warm-up.
+
+Accuracy is not measured here (it needs minutes to hours per entry): the results/ runs hold it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddlib.data import load_dataset
+from ddlib.io import atomic_write, save_json
+from ddlib.methods import get_method, make_config
+from ddlib.metrics import PeakMemory
+from ddlib.utils import resolve_device
+
+
+@dataclass
+class Entry:
+    """One benchmark: a method on a dataset with fixed settings."""
+
+    name: str
+    method: str
+    dataset: str
+    settings: dict = field(default_factory=dict)  # DistillConfig overrides
+    unit: str = "iteration"                       # "iteration" or "outer step" (DC: one matching + inner)
+    reference: str = ""                           # the official code's figure on its machine, for the table
+    quick: bool = True                            # part of --quick
+
+
+ENTRIES = [
+    Entry("dm-mnist-ipc10", "dm", "mnist", dict(ipc=10, batch_real=256),
+          reference="2.48 s/it (official DM, issue author's CPU: 190 GFLOP/s fp32)"),
+    Entry("datadam-mnist-ipc10", "datadam", "mnist", dict(ipc=10, batch_real=64),
+          reference="1.40 s/it (official DataDAM, same CPU)"),
+    Entry("dc-mnist-ipc1", "dc", "mnist", dict(ipc=1, batch_real=256),
+          reference="7.79 s/it (official DC, same CPU)"),
+    Entry("dc-mnist-ipc10-batched", "dc", "mnist", dict(ipc=10, batch_real=256, class_grads="batched"),
+          unit="outer step", reference="~17.9 s/outer step (179 s/it over 10 outer steps, official DC)"),
+    Entry("dc-mnist-ipc10-loop", "dc", "mnist", dict(ipc=10, batch_real=256, class_grads="loop"),
+          unit="outer step", quick=False),
+    Entry("dsa-mnist-ipc10", "dsa", "mnist", dict(ipc=10, batch_real=256), unit="outer step", quick=False),
+    Entry("dd-mnist-ipc10", "dd", "mnist", dict(ipc=10, batch_real=100)),
+]
+
+
+def matmul_flops_per_second(device: torch.device, size: int = 2048, seconds: float = 2.0) -> float:
+    """Measured fp32 matmul rate of this device (FLOP/s, FLOP = 2 x MAC)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size ** 3 * count / (time.perf_counter() - start)
+
+
+def unit_function(entry: Entry, distiller) -> Callable[[int], object]:
+    """What one timed unit runs: a whole iteration, or DC's first (matching + inner training) outer step."""
+    if entry.unit == "outer step":
+        return lambda i: distiller.outer_step(i, 0)
+    return distiller.step
+
+
+def run_entry(entry: Entry, args: argparse.Namespace, matmul_rate: float) -> dict:
+    device = resolve_device(args.device)
+    real = load_dataset(entry.dataset, root=args.data_root, device=device)
+    cfg = make_config(entry.method, **{**entry.settings, "precision": args.precision})
+    distiller = get_method(entry.method)(real, cfg, seed=0, device=device)
+    unit = unit_function(entry, distiller)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for i in range(args.warmup):
+        unit(i)
+    with FlopCounterMode(display=False) as counter:
+        unit(args.warmup)
+    flops = counter.get_total_flops()
+    times = []
+    with PeakMemory(device) as memory:
+        for i in range(args.repeats):
+            sync()
+            start = time.perf_counter()
+            unit(args.warmup + 1 + i)
+            sync()
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {
+        "name": entry.name, "method": entry.method, "dataset": entry.dataset, "unit": entry.unit,
+        "settings": cfg.to_dict(), "device": str(device), "precision": args.precision,
+        "seconds_median": median, "seconds_min": min(times), "seconds_max": max(times), "seconds_all": times,
+        "per_second": 1.0 / median, "flops": flops, "flops_per_second": flops / median,
+        "matmul_flops_per_second": matmul_rate, "efficiency": flops / median / matmul_rate,
+        "peak_memory_bytes": memory.peak_bytes, "reference": entry.reference,
+        "environment": environment(device),
+    }
+
+
+def environment(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| entry | unit | s/unit (median) | min–max | GFLOP/unit | achieved GFLOP/s | % of matmul | "
+             "peak memory | reference |", "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['unit']} | {r['seconds_median']:.3f} | {r['seconds_min']:.3f}–"
+                     f"{r['seconds_max']:.3f} | {r['flops'] / 1e9:.1f} | {r['flops_per_second'] / 1e9:.1f} | "
+                     f"{100 * r['efficiency']:.0f} % | {r['peak_memory_bytes'] / 2**20:.0f} MiB | {r['reference']} |")
+    env = rows[0]["environment"] if rows else {}
+    rate = rows[0]["matmul_flops_per_second"] / 1e9 if rows else 0
+    lines.append(f"\n{env.get('gpu') or env.get('cpu')}, {env.get('threads')} threads, torch {env.get('torch')}; "
+                 f"measured fp32 matmul {rate:.0f} GFLOP/s.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", default=os.environ.get("DDLIB_DATA"), help="real data (default $DDLIB_DATA)")
+    p.add_argument("--only", nargs="*", default=None, help="entry names (default: all, or the quick ones)")
+    p.add_argument("--quick", action="store_true", help="the quick entries, 1 warm-up and 3 timed units")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16")
+    p.add_argument("--out", default="results/bench", help="folder for the JSON files and table.md")
+    p.add_argument("--list", action="store_true", help="print the entries and exit")
+    args = p.parse_args(argv)
+    if args.list:
+        for e in ENTRIES:
+            print(f"{e.name:28s} {e.method:8s} {e.dataset:8s} {e.settings}{'  (quick)' if e.quick else ''}")
+        return 0
+    if args.quick:
+        args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 3)
+    names = {e.name for e in ENTRIES}
+    unknown = sorted(set(args.only or ()) - names)
+    if unknown:
+        p.error(f"unknown entries {unknown}; see --list")
+    entries = [e for e in ENTRIES if (e.name in args.only if args.only else (e.quick or not args.quick))]
+    device = resolve_device(args.device)
+    rate = matmul_flops_per_second(device)
+    print(f"fp32 matmul on {device}: {rate / 1e9:.0f} GFLOP/s", flush=True)
+    out = Path(args.out)
+    rows = []
+    for entry in entries:
+        row = run_entry(entry, args, rate)
+        suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+        save_json(row, out / f"{entry.name}{suffix}-{device.type}.json")
+        rows.append(row)
+        print(f"{entry.name}: {row['seconds_median']:.3f} s/{entry.unit} (min {row['seconds_min']:.3f}), "
+              f"{row['flops'] / 1e9:.1f} GFLOP, {100 * row['efficiency']:.0f} % of matmul, "
+              f"{row['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
+    table = markdown_table(rows)
+    atomic_write(out / f"table-{device.type}.md", lambda f: f.write(table), mode="w")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
