@@ -118,7 +118,7 @@ class DD(Distiller):
         params = (self.fixed_params if cfg.fixed_init
                   else xavier_init(self.net, cfg.init_gain, self.rng("net", iteration)))
         real_x = self.real.sample_per_class(cfg.batch_real, self.rng("real", iteration))
-        real_y = torch.arange(self.num_classes, device=self.device).repeat_interleave(cfg.batch_real)
+        real_y = torch.arange(self.num_classes, device=self.device).repeat_interleave(real_x.shape[1])
         with self.autocast():
             final = unroll(self.net, params, self.blocks(self.images), self.lrs)
             loss = F.cross_entropy(functional_call(self.net, final, (real_x.flatten(0, 1),)), real_y)

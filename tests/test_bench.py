@@ -1,0 +1,26 @@
+"""The benchmark harness runs and writes its JSON and table (timings are never asserted)."""
+from __future__ import annotations
+
+import json
+
+from bench.run import ENTRIES, main
+
+
+def test_entries_cover_the_landed_methods():
+    from ddlib.methods import list_methods
+
+    assert {e.method for e in ENTRIES} <= set(list_methods())
+    assert {"dm", "datadam", "dc", "dd"} <= {e.method for e in ENTRIES}
+
+
+def test_bench_writes_json_and_table(tmp_path):  # fixture MNIST from DDLIB_DATA (conftest)
+    code = main(["--only", "datadam-mnist-ipc10", "dd-mnist-ipc10", "--warmup", "0", "--repeats", "1",
+                 "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    row = json.loads((tmp_path / "datadam-mnist-ipc10-cpu.json").read_text())
+    for key in ("seconds_median", "seconds_min", "seconds_max", "flops", "flops_per_second",
+                "matmul_flops_per_second", "efficiency", "peak_memory_bytes", "environment", "settings"):
+        assert key in row
+    assert row["flops"] > 0 and row["settings"]["ipc"] == 10
+    table = (tmp_path / "table-cpu.md").read_text()
+    assert "datadam-mnist-ipc10" in table and "dd-mnist-ipc10" in table
