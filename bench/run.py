@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from ddlib.data import load_dataset
 from ddlib.io import atomic_write, save_json
 from ddlib.methods import get_method, make_config
 from ddlib.metrics import PeakMemory
-from ddlib.utils import resolve_device
+from ddlib.utils import environment, resolve_device
 
 
 @dataclass
@@ -110,22 +109,8 @@ def run_entry(entry: Entry, args: argparse.Namespace, matmul_rate: float) -> dic
         "per_second": 1.0 / median, "flops": flops, "flops_per_second": flops / median,
         "matmul_flops_per_second": matmul_rate, "efficiency": flops / median / matmul_rate,
         "peak_memory_bytes": memory.peak_bytes, "reference": entry.reference,
-        "environment": environment(device),
+        "environment": environment(),
     }
-
-
-def environment(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
-            "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -137,7 +122,8 @@ def markdown_table(rows: list[dict]) -> str:
                      f"{100 * r['efficiency']:.0f} % | {r['peak_memory_bytes'] / 2**20:.0f} MiB | {r['reference']} |")
     env = rows[0]["environment"] if rows else {}
     rate = rows[0]["matmul_flops_per_second"] / 1e9 if rows else 0
-    lines.append(f"\n{env.get('gpu') or env.get('cpu')}, {env.get('threads')} threads, torch {env.get('torch')}; "
+    machine = env.get("cuda") or env.get("processor")
+    lines.append(f"\n{machine}, {env.get('threads')} threads, torch {env.get('torch')}; "
                  f"measured fp32 matmul {rate:.0f} GFLOP/s.")
     return "\n".join(lines) + "\n"
 

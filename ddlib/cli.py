@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -129,33 +127,6 @@ def _protocol(args: argparse.Namespace, default: str = "dc"):
     return get_protocol(args.protocol or default, epochs=args.eval_epochs)
 
 
-def _environment() -> dict[str, Any]:
-    import torch
-
-    import ddlib
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {"ddlib": ddlib.__version__, "commit": commit or None, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "processor": _cpu_name(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "threads": torch.get_num_threads()}
-
-
-def _cpu_name() -> str:
-    """The CPU model (platform.processor() is empty on most Linux systems)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _write_metrics(out: Path | None, metrics: dict[str, Any]) -> None:
     from ddlib.io import save_json
 
@@ -186,6 +157,12 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
+
+
+def _environment() -> dict[str, Any]:
+    from ddlib.utils import environment  # torch is imported only by the commands that need it
+
+    return environment()
 
 
 # ------------------------------------------------------------------------------------------ commands

@@ -1,12 +1,16 @@
-"""Small shared helpers: devices and progress bars."""
+"""Small shared helpers: devices, pass sizes, progress bars and the description of the machine."""
 from __future__ import annotations
 
 import os
-from typing import Iterable, TypeVar
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
 
 import torch
 
-__all__ = ["resolve_device", "progress", "progress_enabled", "pass_size", "CPU_PASS_IMAGES"]
+__all__ = ["resolve_device", "progress", "progress_enabled", "pass_size", "CPU_PASS_IMAGES", "cpu_name",
+           "environment"]
 
 # Images per network pass on a CPU: the first block's maps of ~32 MNIST/CIFAR images (128 channels,
 # 32 x 32) stay in cache, which makes the memory-bound norms, activations and poolings ~1.5-2x faster.
@@ -29,6 +33,32 @@ def pass_size(device: torch.device, batch: int, override: int = 0) -> int:
     """Images per network pass over a batch of ``batch``: ``override`` when set, else the whole batch on a
     GPU and ``CPU_PASS_IMAGES`` on a CPU. Callers split only where the result does not depend on it."""
     return override or (batch if device.type == "cuda" else CPU_PASS_IMAGES)
+
+
+def cpu_name() -> str:
+    """The CPU model (platform.processor() is empty on most Linux systems)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """The software and machine a measurement ran on (for metrics.json and benchmark files)."""
+    import ddlib
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"ddlib": ddlib.__version__, "commit": commit or None, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "processor": cpu_name(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads()}
 
 
 def progress_enabled() -> bool:

@@ -159,9 +159,10 @@ class Distiller:
         return totals
 
     def class_chunks(self, net: torch.nn.Module, per_class: int) -> list[slice]:
-        """Slices over the K classes, each holding about ``chunk`` images of ``per_class`` per class."""
+        """Slices over the K classes, each holding about ``chunk_size`` images of ``per_class`` per class
+        (one slice on a GPU, where ``chunk_size`` is the whole batch)."""
         k = self.num_classes
-        if has_batchnorm(net) or self.device.type == "cuda" and not self.cfg.chunk:
+        if has_batchnorm(net):
             return [slice(0, k)]
         step = max(1, self.chunk_size(k * per_class) // per_class)
         return [slice(start, min(start + step, k)) for start in range(0, k, step)]

@@ -121,10 +121,10 @@ def class_gradients(net: nn.Module, x: Tensor, y: Tensor, *, batched: bool = Tru
     fn = lambda xc, yc: grad(loss)(params, xc, yc)  # noqa: E731
     n = x.shape[1]
     if not chunk or chunk >= n:
-        return _per_class(fn, x, y, batched)
+        return _per_class(fn, x, y, batched=True)
     total: dict[str, Tensor] = {}
     for xs, ys in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):
-        part = _per_class(fn, xs, ys, batched)
+        part = _per_class(fn, xs, ys, batched=True)
         for k, g in part.items():
             total[k] = total[k] + g * (xs.shape[1] / n) if k in total else g * (xs.shape[1] / n)
     return total
@@ -133,7 +133,8 @@ def class_gradients(net: nn.Module, x: Tensor, y: Tensor, *, batched: bool = Tru
 def _looped_gradients(net: nn.Module, x: Tensor, y: Tensor, chunk: int) -> dict[str, Tensor]:
     """``class_gradients`` by plain autograd, one class (and ``chunk`` images) at a time; keeps the graph
     to x when x requires grad."""
-    names, params = zip(*net.named_parameters())
+    names = [name for name, _ in net.named_parameters()]
+    params = [p.requires_grad_() for p in net.parameters()]
     n, create_graph = x.shape[1], x.requires_grad
     per_class = []
     with torch.enable_grad():
@@ -141,7 +142,7 @@ def _looped_gradients(net: nn.Module, x: Tensor, y: Tensor, chunk: int) -> dict[
             total = None
             for xs, ys in zip(xc.split(chunk or n), yc.split(chunk or n)):
                 loss = F.cross_entropy(net(xs), ys, reduction="sum") / n
-                g = torch.autograd.grad(loss, [p.requires_grad_() for p in params], create_graph=create_graph)
+                g = torch.autograd.grad(loss, params, create_graph=create_graph)
                 total = list(g) if total is None else [a + b for a, b in zip(total, g)]
             per_class.append(total if create_graph else [t.detach() for t in total])
     return {name: torch.stack([g[i] for g in per_class]) for i, name in enumerate(names)}
@@ -239,9 +240,9 @@ class DC(Distiller):
     def matching_loss(self, real_x: Tensor, syn_x: Tensor, rng: torch.Generator) -> dict[str, Tensor]:
         """Gradient distance (plus the weighted HVP distance) for real [K, n, ...] and synthetic [K, ipc, ...]."""
         cfg, net, batched = self.cfg, self.net, self.batched
+        real_y = self.real_labels[:, :real_x.shape[1]]  # sample_per_class gives fewer for a small class
         with torch.no_grad():
-            g_real = class_gradients(net, real_x, self.real_labels[:, :real_x.shape[1]], batched=batched,
-                                     chunk=self._real_chunk(real_x))
+            g_real = class_gradients(net, real_x, real_y, batched=batched, chunk=self._real_chunk(real_x))
         g_syn = class_gradients(net, syn_x, self.syn_labels, batched=batched)
         loss = gradient_distance(g_syn, g_real, cfg.distance)
         out = {"grad_distance": loss.detach()}
@@ -251,7 +252,7 @@ class DC(Distiller):
             for _ in range(cfg.hessian_probes):
                 v = rademacher_like(params, rng)
                 with torch.no_grad():
-                    h_real = class_hvps(net, real_x, self.real_labels[:, :real_x.shape[1]], v, batched=batched)
+                    h_real = class_hvps(net, real_x, real_y, v, batched=batched)
                 hess = hess + gradient_distance(class_hvps(net, syn_x, self.syn_labels, v, batched=batched),
                                                 h_real, cfg.distance)
             hess = hess / cfg.hessian_probes

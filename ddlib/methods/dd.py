@@ -32,7 +32,7 @@ from ddlib.models import get_network
 from ddlib.rng import generator
 from ddlib.synset import SyntheticSet
 
-__all__ = ["DDConfig", "DD", "xavier_init", "unroll", "replay"]
+__all__ = ["DDConfig", "DD", "xavier_init", "step_blocks", "unroll", "replay"]
 
 
 @dataclass
@@ -69,6 +69,11 @@ def xavier_init(net: nn.Module, gain: float, rng: torch.Generator) -> dict[str, 
         else:
             out[name] = torch.ones_like(p)  # norm weights
     return out
+
+
+def step_blocks(images: Tensor, num_classes: int) -> Tensor:
+    """[K * ipc, C, H, W] ordered by class -> [ipc, K, C, H, W] (block t = image t of every class)."""
+    return images.view(num_classes, -1, *images.shape[1:]).transpose(0, 1)
 
 
 def unroll(net: nn.Module, params: dict[str, Tensor], blocks: Tensor, lrs: Tensor) -> dict[str, Tensor]:
@@ -109,10 +114,6 @@ class DD(Distiller):
         """The learned rate of every step [epochs * ipc], positive."""
         return F.softplus(self.raw_lrs)
 
-    def blocks(self, images: Tensor) -> Tensor:
-        """[K * ipc, C, H, W] ordered by class -> [ipc, K, C, H, W] (block t = image t of every class)."""
-        return self.per_class(images).transpose(0, 1)
-
     def step(self, iteration: int) -> dict[str, Tensor]:
         cfg = self.cfg
         params = (self.fixed_params if cfg.fixed_init
@@ -120,7 +121,7 @@ class DD(Distiller):
         real_x = self.real.sample_per_class(cfg.batch_real, self.rng("real", iteration))
         real_y = torch.arange(self.num_classes, device=self.device).repeat_interleave(real_x.shape[1])
         with self.autocast():
-            final = unroll(self.net, params, self.blocks(self.images), self.lrs)
+            final = unroll(self.net, params, step_blocks(self.images, self.num_classes), self.lrs)
             loss = F.cross_entropy(functional_call(self.net, final, (real_x.flatten(0, 1),)), real_y)
         self.update_images(loss)
         self.scheduler.step()
@@ -152,7 +153,7 @@ def replay(synset: SyntheticSet, real: RealSet, *, fixed_init: bool | None = Non
     net = get_network(cfg["model"], real.channels, real.num_classes, real.image_size, device=device)
     net.requires_grad_(False)
     lrs = torch.tensor(meta["lrs"], device=device)
-    blocks = synset.images.to(device).view(real.num_classes, meta["steps"], *synset.images.shape[1:]).transpose(0, 1)
+    blocks = step_blocks(synset.images.to(device), real.num_classes)
     result = EvalResult(model=cfg["model"], protocol={"name": "dd-replay", "fixed_init": fixed,
                                                       "steps": len(meta["lrs"])},
                         accuracies=[], balanced_accuracies=[], num_train_images=int(synset.images.shape[0]))
