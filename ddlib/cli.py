@@ -42,6 +42,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seeds every random draw of the run")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--out", default=None, help="output folder (synset.pt, metrics.json)")
+    g.add_argument("--results", default=None,
+                   help="runs table to append to (default: $DDLIB_RESULTS, else results/runs.jsonl; 'off' skips)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="only write synset.pt")
 
     p = sub.add_parser("distill", help="learn a synthetic set")
-    p.add_argument("--method", default="dm", help="dm | datadam | dc | dsa | dd (all in `ddlib methods`)")
+    p.add_argument("--method", default="dm",
+                   help="dm | datadam | dc | dsa | dd | mtt | datm | pad (all in `ddlib methods`)")
     p.add_argument("--preset", default=None, help="a method's named settings (e.g. course, paper)")
     p.add_argument("--ipc", type=int, default=None, help="synthetic images per class (default 10)")
     p.add_argument("--iterations", type=int, default=None, help="outer iterations (method default)")
@@ -93,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hessian-weight", type=float, default=None,
                    help="dc/dsa: weight of the Hessian-vector-product distance (0 = plain DC)")
     p.add_argument("--hessian-probes", type=int, default=None, help="dc/dsa: Rademacher directions per outer step")
+    p.add_argument("--experts", default=None, help="mtt/datm/pad: folder of expert trajectories (`ddlib experts`)")
+    p.add_argument("--syn-steps", type=int, default=None, help="mtt/datm/pad: student steps per iteration (N)")
+    p.add_argument("--expert-epochs", type=int, default=None, help="mtt/datm/pad: expert epochs matched (M)")
+    p.add_argument("--max-start-epoch", type=int, default=None, help="mtt/datm/pad: upper end of the start epoch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other method setting, e.g. --set log_every=5")
     _add_data_flags(p)
@@ -100,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p)
     p.add_argument("--no-eval", action="store_true", help="only write synset.pt")
     p.add_argument("--no-random-baseline", action="store_true", help="skip the random-subset comparison")
+
+    p = sub.add_parser("experts", help="train expert trajectories for mtt/datm/pad (resumable)")
+    _add_data_flags(p)
+    p.add_argument("--num-experts", type=int, default=10, help="expert networks (the papers train 100)")
+    p.add_argument("--epochs", type=int, default=50, help="epochs per expert (MTT 50, DATM/PAD 100)")
+    p.add_argument("--model", default="convnet", help="network (no BatchNorm)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "gsam"], help="sgd (MTT) | gsam (DATM, PAD)")
+    p.add_argument("--subset", type=int, default=0, help="real images per class the experts see (0 = all)")
+    p.add_argument("--half", action="store_true", help="store the parameters as float16")
+    p.add_argument("--curriculum", action="store_true", help="PAD's easy-to-hard schedule over EL2N scores")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other expert setting (ddlib.trajectory.ExpertConfig), e.g. --set lr=0.02")
+    _add_run_flags(p)
 
     p = sub.add_parser("evaluate", help="evaluate a synset.pt file")
     p.add_argument("synset", help="path to synset.pt")
@@ -111,7 +131,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a synset.pt file")
     p.add_argument("synset")
+    _add_batch_parsers(sub)
     return parser
+
+
+def _add_batch_parsers(sub) -> None:
+    """notebooks run|params, results table|plot, report."""
+    nb = sub.add_parser("notebooks", help="run notebooks with papermill (profiles, sweeps) or list their parameters")
+    nbsub = nb.add_subparsers(dest="notebooks_command", required=True)
+    p = nbsub.add_parser("run", help="execute notebooks in parallel; skip those already run with the same inputs")
+    p.add_argument("notebooks", nargs="*", help="paths, stems or number prefixes (default: every numbered notebook)")
+    p.add_argument("--profile", default="smoke", help="smoke | course | paper (see notebooks/profiles.yaml)")
+    p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUES"),
+                   help="set a parameter; comma-separated values sweep (-p ipc 1,10,50 -p seed 0,1)")
+    p.add_argument("-f", "--params-file", default=None, help="YAML file of parameters (over the profile)")
+    p.add_argument("--out", default="results/notebooks", help="executed notebooks, logs and status files")
+    p.add_argument("--jobs", type=int, default=1, help="notebooks at once; each gets cores // jobs threads")
+    p.add_argument("--force", action="store_true", help="run even when an identical run already succeeded")
+    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per notebook")
+    p.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    p.add_argument("--notebooks-dir", default=None, help="where numbered notebooks are found (default: ./notebooks)")
+    p.add_argument("--results", default=None, help="runs table for the notebooks' rows (default as for distill)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and their parameters, run nothing")
+    p = nbsub.add_parser("params", help="a notebook's parameters, defaults and profile values")
+    p.add_argument("notebook")
+    p.add_argument("--notebooks-dir", default=None)
+
+    res = sub.add_parser("results", help="the runs table: leaderboard and figures")
+    rsub = res.add_subparsers(dest="results_command", required=True)
+    p = rsub.add_parser("table", help="leaderboard (method x dataset x IPC) beside published numbers")
+    p.add_argument("--results", default=None, help="runs table (default: $DDLIB_RESULTS, else results/runs.jsonl)")
+    p.add_argument("--dataset", default=None, help="only this dataset")
+    p.add_argument("--method", default=None, help="only this method")
+    p.add_argument("--format", default="text", choices=["text", "markdown", "latex"])
+    p.add_argument("--published", action="store_true", help="also print the published numbers")
+    p = rsub.add_parser("plot", help="accuracy vs IPC, vs iteration and vs wall time (PNG)")
+    p.add_argument("--results", default=None)
+    p.add_argument("--out", default="results/figures", help="folder of the PNG files")
+    p.add_argument("--dpi", type=int, default=100, help="resolution (at most 100)")
+
+    p = sub.add_parser("report", help="tables, figures and the ML Reproducibility Checklist for a submission")
+    p.add_argument("--out", default="report", help="folder of report.md, report.tex and figures/")
+    p.add_argument("--results", default=None, help="runs table (default: $DDLIB_RESULTS, else results/runs.jsonl)")
+    p.add_argument("--notebooks", default="results/notebooks", help="folder of executed notebooks and status files")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -127,12 +189,25 @@ def _protocol(args: argparse.Namespace, default: str = "dc"):
     return get_protocol(args.protocol or default, epochs=args.eval_epochs)
 
 
-def _write_metrics(out: Path | None, metrics: dict[str, Any]) -> None:
+def _write_metrics(out: Path | None, metrics: dict[str, Any], args: argparse.Namespace | None = None) -> None:
     from ddlib.io import save_json
 
     if out is not None:
         save_json(metrics, out / "metrics.json")
         print(f"wrote {out / 'metrics.json'}")
+    if args is not None:
+        _record_run(metrics, args)
+
+
+def _record_run(metrics: dict[str, Any], args: argparse.Namespace) -> None:
+    """Append the run to the runs table (ddlib.results) with the command line's settings."""
+    from ddlib.results import record, results_path
+
+    params = {k: v for k, v in vars(args).items() if k != "results"}
+    record(metrics, params, source=f"cli:{args.command}", path=getattr(args, "results", None))
+    table = results_path(getattr(args, "results", None))
+    if table is not None:
+        print(f"appended to {table}")
 
 
 def _eval_fields(result, prefix: str = "") -> dict[str, Any]:
@@ -230,7 +305,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
                "num_eval": args.num_eval, "eval_epochs": protocol.epochs, "protocol": protocol.name,
                **_eval_fields(result), "flops_per_image": result.flops_per_image, "train_flops": result.train_flops,
                "peak_memory_bytes": result.peak_memory_bytes, "environment": _environment()}
-    _write_metrics(Path(args.out) if args.out else None, metrics)
+    _write_metrics(Path(args.out) if args.out else None, metrics, args)
     return 0
 
 
@@ -266,7 +341,7 @@ def _evaluate_and_report(synset, real, args, protocol, out: Path | None, extra: 
             line += f"   |   random real subset ({ipc}/class): {_pct(random_result)}"
         print(line)
     metrics["environment"] = _environment()
-    _write_metrics(out, metrics)
+    _write_metrics(out, metrics, args)
     return metrics
 
 
@@ -297,7 +372,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
                      lr_img=args.lr_img, model=args.model, precision=args.precision, power=args.power,
                      mmd_weight=args.mmd_weight, norm=args.norm, distance=args.distance,
                      outer_loop=args.outer_loop, inner_loop=args.inner_loop, lr_net=args.lr_net,
-                     hessian_weight=args.hessian_weight, hessian_probes=args.hessian_probes)
+                     hessian_weight=args.hessian_weight, hessian_probes=args.hessian_probes,
+                     experts=args.experts, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
+                     max_start_epoch=args.max_start_epoch)
     overrides.update(_parse_sets(args.set))  # --set power=1 must not collide with the None of --power
     if args.no_dsa:
         overrides["dsa"] = False
@@ -316,6 +393,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     print(f"{args.method} on {real.name} ({real.channels}x{real.image_size}x{real.image_size}, "
           f"{real.num_classes} classes), {cfg.ipc} images/class, {cfg.iterations} iterations, {cfg.model}, {device}")
     synset = distill(args.method, real, cfg, seed=args.seed, device=device)
+    if args.protocol is None and isinstance(synset.meta.get("protocol"), dict):  # the method's own (datm: batch 128)
+        from ddlib.evaluate import Protocol, get_protocol
+
+        protocol = get_protocol(Protocol(**synset.meta["protocol"]), epochs=args.eval_epochs)
     synset.meta["protocol"] = asdict(protocol)
     out = Path(args.out) if args.out else None
     if out:
@@ -329,6 +410,26 @@ def cmd_distill(args: argparse.Namespace) -> int:
              "seconds_per_iteration": meta["seconds_per_iteration"], "peak_memory_bytes": meta["peak_memory_bytes"],
              "device": str(device), "config": cfg.to_dict(), "final_loss": (meta["history"].get("loss") or [None])[-1]}
     _evaluate_and_report(synset, real, args, protocol, out, extra)
+    return 0
+
+
+def cmd_experts(args: argparse.Namespace) -> int:
+    from ddlib.trajectory import ExpertConfig, train_experts
+    from ddlib.utils import resolve_device
+
+    if not args.out:
+        raise ValueError("experts needs --out DIR (the folder of trajectories; an existing one is resumed)")
+    real = _load(args)
+    cfg = ExpertConfig(**{**dict(num_experts=args.num_experts, epochs=args.epochs, model=args.model,
+                                 optimizer=args.optimizer, subset=args.subset, half=args.half,
+                                 curriculum=args.curriculum), **_parse_sets(args.set)})
+    print(f"{cfg.num_experts} {cfg.optimizer} experts ({cfg.model}, {cfg.epochs} epochs) on {real.name} -> {args.out}")
+    out = train_experts(real, cfg, args.out, seed=args.seed, device=resolve_device(args.device))
+    index = json.loads((out / "index.json").read_text())
+    accuracies = [e["test_accuracy"] for e in index["experts"].values() if "test_accuracy" in e]
+    if accuracies:
+        print(f"{len(index['experts'])} experts in {out}; final test accuracy "
+              f"{100 * sum(accuracies) / len(accuracies):.2f} % on average")
     return 0
 
 
@@ -371,7 +472,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                "peak_memory_bytes": meta.get("peak_memory_bytes"), "models": rows}
     metrics.update(model=models[0], **rows[models[0]])  # the first model's numbers at the top level
     metrics["environment"] = _environment()
-    _write_metrics(Path(args.out) if args.out else None, metrics)
+    _write_metrics(Path(args.out) if args.out else None, metrics, args)
     return 0
 
 
@@ -397,9 +498,73 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_notebooks(args: argparse.Namespace) -> int:
+    from ddlib import notebooks as nbr
+    from ddlib.results import repo_root
+
+    checkout = Path(__file__).resolve().parents[1] / "notebooks"  # when run outside the repository
+    folder = Path(args.notebooks_dir) if args.notebooks_dir else repo_root() / "notebooks"
+    folder = folder if folder.exists() or args.notebooks_dir else checkout
+    if args.notebooks_command == "params":
+        print(nbr.describe_parameters(nbr.find_notebooks([args.notebook], folder)[0]))
+        return 0
+    import yaml
+
+    cfg = nbr.RunnerConfig(out=Path(args.out), profile=args.profile, jobs=args.jobs, force=args.force,
+                           kernel=args.kernel, timeout=args.timeout, results=args.results)
+    file_params = yaml.safe_load(Path(args.params_file).read_text()) if args.params_file else None
+    if file_params is not None and not isinstance(file_params, dict):
+        raise ValueError(f"{args.params_file} must map parameter names to values")
+    runs = nbr.plan(nbr.find_notebooks(args.notebooks, folder), cfg, file_params, [tuple(p) for p in args.param])
+    if args.dry_run:
+        for run in runs:
+            print(f"{run.name}: {json.dumps(run.params, default=str)}")
+        return 0
+    statuses = nbr.run_all(runs, cfg)
+    nbr.clean_tmp(cfg.out)
+    failed = [s["name"] for s in statuses if s["status"] == "failed"]
+    if failed:
+        print(f"{len(failed)} of {len(statuses)} run(s) failed: {', '.join(failed)} (see their .log files)",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from ddlib import results as res
+
+    rows = res.read_rows(args.results)
+    if not rows:
+        print(f"no runs recorded in {res.results_path(args.results)}")
+    if args.results_command == "plot":
+        for path in res.plot_all(rows, args.out, dpi=args.dpi):
+            print(f"wrote {path}")
+        return 0
+    board = res.leaderboard(rows)
+    if args.dataset:
+        board = board[board["dataset"] == args.dataset]
+    if args.method:
+        board = board[board["method"] == args.method]
+    tables = [res.display_rows(board)]
+    if args.published:
+        tables.append(res.published_cells(args.dataset))
+    render = {"text": res.format_table, "markdown": res.markdown_table, "latex": res.latex_table}[args.format]
+    print("\n\n".join(render(h, c) for h, c in tables))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ddlib.report import build_report
+
+    for path in build_report(Path(args.out), results=args.results, notebooks=Path(args.notebooks)):
+        print(f"wrote {path}")
+    return 0
+
+
 COMMANDS = {"datasets": cmd_datasets, "models": cmd_models, "methods": cmd_methods,
             "prepare-mhist": cmd_prepare_mhist, "baseline": cmd_baseline, "select": cmd_select,
-            "distill": cmd_distill, "evaluate": cmd_evaluate, "info": cmd_info}
+            "distill": cmd_distill, "experts": cmd_experts, "evaluate": cmd_evaluate, "info": cmd_info,
+            "notebooks": cmd_notebooks,
+            "results": cmd_results, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ddlib.data import RealSet
-from ddlib.methods import datadam, dc, dd, dm  # noqa: F401  (registers every method)
+from ddlib.methods import datadam, datm, dc, dd, dm, mtt, pad  # noqa: F401  (registers every method)
 from ddlib.methods.base import DistillConfig, Distiller, DivergenceError, distill_with
 from ddlib.methods.registry import get_method, list_methods, register_method
 from ddlib.synset import SyntheticSet
