@@ -6,7 +6,13 @@ markdown table (``table.md``). FLOPs per iteration are counted with ``torch.util
 (matrix products and convolutions, FLOP = 2 x MAC) over one timed unit; the achieved FLOP/s is compared
 with this machine's fp32 matmul rate, measured in the same run. Timings are medians after warm-up.
 
-Accuracy is not measured here (it needs minutes to hours per entry): the results/ runs hold it.
+Trajectory entries (mtt, datm, pad) first train small expert trajectories on the entry's dataset
+(cached under ``--experts-cache``; resumed if present) and time the distillation iterations only; their
+entries at several (syn_steps, batch_syn) give the unrolled student's peak memory against both.
+
+``--accuracy-iterations K`` (off by default: minutes to hours per entry) also runs K iterations from the
+seed and evaluates the result with one fixed protocol (``dc``, ``--accuracy-epochs`` epochs, one network),
+so entries can be compared at a fixed budget; the results/ runs hold the papers'-budget accuracies.
 """
 from __future__ import annotations
 
@@ -23,9 +29,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddlib.data import load_dataset
+from ddlib.evaluate import evaluate_synset
 from ddlib.io import atomic_write, save_json
-from ddlib.methods import get_method, make_config
+from ddlib.methods import distill_with, get_method, make_config
 from ddlib.metrics import PeakMemory
+from ddlib.trajectory import ExpertConfig, train_experts
 from ddlib.utils import environment, resolve_device
 
 
@@ -40,7 +48,10 @@ class Entry:
     unit: str = "iteration"                       # "iteration" or "outer step" (DC: one matching + inner)
     reference: str = ""                           # the official code's figure on its machine, for the table
     quick: bool = True                            # part of --quick
+    experts: dict | None = None                   # ExpertConfig fields: train (or reuse) these experts first
 
+
+TINY_EXPERTS = dict(num_experts=2, epochs=6, subset=100, half=True)
 
 ENTRIES = [
     Entry("dm-mnist-ipc10", "dm", "mnist", dict(ipc=10, batch_real=256),
@@ -57,6 +68,20 @@ ENTRIES = [
           unit="outer step", quick=False),
     Entry("dsa-mnist-ipc10", "dsa", "mnist", dict(ipc=10, batch_real=256), unit="outer step", quick=False),
     Entry("dd-mnist-ipc10", "dd", "mnist", dict(ipc=10, batch_real=100)),
+    # trajectory matching: experts are 2 SGD networks x 6 epochs on 100 images/class (cost is independent
+    # of how good the experts are); N = syn_steps, b = batch_syn
+    Entry("mtt-mnist-ipc10-n10-b100", "mtt", "mnist", dict(ipc=10, syn_steps=10, batch_syn=100, expert_epochs=2,
+          max_start_epoch=4), experts=TINY_EXPERTS),
+    Entry("mtt-mnist-ipc10-n20-b100", "mtt", "mnist", dict(ipc=10, syn_steps=20, batch_syn=100, expert_epochs=2,
+          max_start_epoch=4), experts=TINY_EXPERTS, quick=False),
+    Entry("mtt-mnist-ipc10-n10-b50", "mtt", "mnist", dict(ipc=10, syn_steps=10, batch_syn=50, expert_epochs=2,
+          max_start_epoch=4), experts=TINY_EXPERTS, quick=False),
+    Entry("mtt-mnist-ipc10-n20-b50", "mtt", "mnist", dict(ipc=10, syn_steps=20, batch_syn=50, expert_epochs=2,
+          max_start_epoch=4), experts=TINY_EXPERTS, quick=False),
+    Entry("datm-mnist-ipc10", "datm", "mnist", dict(ipc=10, syn_steps=10, batch_syn=100, expert_epochs=2,
+          current_max_start_epoch=2, max_start_epoch=4), experts=TINY_EXPERTS),
+    Entry("pad-mnist-ipc10", "pad", "mnist", dict(ipc=10, syn_steps=10, batch_syn=100, expert_epochs=2,
+          current_max_start_epoch=2, max_start_epoch=4), experts=TINY_EXPERTS, quick=False),
 ]
 
 
@@ -84,7 +109,10 @@ def unit_function(entry: Entry, distiller) -> Callable[[int], object]:
 def run_entry(entry: Entry, args: argparse.Namespace, matmul_rate: float) -> dict:
     device = resolve_device(args.device)
     real = load_dataset(entry.dataset, root=args.data_root, device=device)
-    cfg = make_config(entry.method, **{**entry.settings, "precision": args.precision})
+    settings = {**entry.settings, "precision": args.precision}
+    if entry.experts is not None:
+        settings["experts"] = str(cached_experts(entry, real, Path(args.experts_cache), device))
+    cfg = make_config(entry.method, **settings)
     distiller = get_method(entry.method)(real, cfg, seed=0, device=device)
     unit = unit_function(entry, distiller)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -109,8 +137,29 @@ def run_entry(entry: Entry, args: argparse.Namespace, matmul_rate: float) -> dic
         "per_second": 1.0 / median, "flops": flops, "flops_per_second": flops / median,
         "matmul_flops_per_second": matmul_rate, "efficiency": flops / median / matmul_rate,
         "peak_memory_bytes": memory.peak_bytes, "reference": entry.reference,
-        "environment": environment(),
+        "environment": environment(), **budget_accuracy(entry, cfg, real, args, device),
     }
+
+
+def cached_experts(entry: Entry, real, cache: Path, device: torch.device) -> Path:
+    """The entry's expert trajectories, trained once into ``cache`` (resumed and verified afterwards)."""
+    cfg = ExpertConfig(**entry.experts)
+    folder = cache / f"{entry.dataset}-{cfg.num_experts}x{cfg.epochs}-subset{cfg.subset}"
+    return train_experts(real, cfg, folder, seed=0, device=device, show_progress=False)
+
+
+def budget_accuracy(entry: Entry, cfg, real, args: argparse.Namespace, device: torch.device) -> dict:
+    """Accuracy after ``--accuracy-iterations`` iterations from the seed (one dc-protocol network), or {}."""
+    if not args.accuracy_iterations:
+        return {}
+    cfg.iterations = args.accuracy_iterations
+    distiller = get_method(entry.method)(real, cfg, seed=0, device=device)
+    synset = distill_with(distiller, show_progress=False)
+    result = evaluate_synset(synset, real, protocol="dc", epochs=args.accuracy_epochs, num_eval=1, seed=0,
+                             device=device)
+    return {"budget_iterations": cfg.iterations, "budget_distill_seconds": synset.meta["distill_seconds"],
+            "budget_protocol": f"dc, {args.accuracy_epochs} epochs, 1 network",
+            "budget_accuracy": result.summary()["accuracy_mean"]}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -139,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--out", default="results/bench", help="folder for the JSON files and table.md")
     p.add_argument("--list", action="store_true", help="print the entries and exit")
+    p.add_argument("--experts-cache", default="runs/bench-experts", help="where trajectory entries keep experts")
+    p.add_argument("--accuracy-iterations", type=int, default=0,
+                   help="also distil this many iterations and evaluate (0: timing only)")
+    p.add_argument("--accuracy-epochs", type=int, default=300, help="epochs of the budget evaluation network")
     args = p.parse_args(argv)
     if args.list:
         for e in ENTRIES:
@@ -163,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{entry.name}: {row['seconds_median']:.3f} s/{entry.unit} (min {row['seconds_min']:.3f}), "
               f"{row['flops'] / 1e9:.1f} GFLOP, {100 * row['efficiency']:.0f} % of matmul, "
-              f"{row['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
+              f"{row['peak_memory_bytes'] / 2**20:.0f} MiB"
+              + (f", {100 * row['budget_accuracy']:.2f} % after {row['budget_iterations']} iterations"
+                 if "budget_accuracy" in row else ""), flush=True)
     table = markdown_table(rows)
     atomic_write(out / f"table-{device.type}.md", lambda f: f.write(table), mode="w")
     return 0

@@ -361,16 +361,24 @@ class DSA:
         draw = self.sample(x.shape[0], (x.shape[2], x.shape[3]), generator, op_per="call")
         return self.apply(x, draw, torch.arange(x.shape[0]))
 
-    def siamese(self, real: Tensor, syn: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def siamese(self, real: Tensor, syn: Tensor, generator: torch.Generator, *,
+                classes: slice | None = None, num_classes: int = 0) -> tuple[Tensor, Tensor]:
         """Siamese DSA of real [K,n_r,C,H,W] and syn [K,n_s,C,H,W]: class k's images share one draw.
 
-        Classes draw independently. Returns tensors of the input shapes.
+        Classes draw independently. Returns tensors of the input shapes. With ``classes`` (a slice of
+        ``num_classes``), real and syn hold only those classes: the draw is made for all ``num_classes``
+        (the stream of a full call) and only their rows are applied, as a class-sharded rank needs.
         """
         if real.dim() != 5 or syn.dim() != 5 or real.shape[0] != syn.shape[0] or real.shape[2:] != syn.shape[2:]:
             raise ValueError(f"need real [K,n_r,C,H,W] and syn [K,n_s,C,H,W]; "
                              f"got {tuple(real.shape)}, {tuple(syn.shape)}")
-        classes = real.shape[0]
-        draw = self.sample(classes, (real.shape[3], real.shape[4]), generator, op_per="group")
+        total = real.shape[0] if classes is None else num_classes
+        draw = self.sample(total, (real.shape[3], real.shape[4]), generator, op_per="group")
+        if classes is not None:
+            rows = torch.arange(total)[classes]
+            if rows.numel() != real.shape[0]:
+                raise ValueError(f"classes {classes} of {total} do not match the {real.shape[0]} classes given")
+            draw = draw.take(rows)
         return self._apply_per_class(real, draw), self._apply_per_class(syn, draw)
 
     def _apply_per_class(self, x: Tensor, draw: DSADraw) -> Tensor:

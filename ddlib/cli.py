@@ -102,11 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-start-epoch", type=int, default=None, help="mtt/datm/pad: upper end of the start epoch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other method setting, e.g. --set log_every=5")
+    p.add_argument("--chunk", type=int, default=None, help="images per network pass (lowers memory; same result)")
+    p.add_argument("--batch-syn", type=int, default=None, help="mtt/datm/pad: synthetic images per student step")
     _add_data_flags(p)
     _add_eval_flags(p)
     _add_run_flags(p)
     p.add_argument("--no-eval", action="store_true", help="only write synset.pt")
     p.add_argument("--no-random-baseline", action="store_true", help="skip the random-subset comparison")
+    g = p.add_argument_group("long runs")
+    g.add_argument("--checkpoint-every", type=int, default=100,
+                   help="iterations between checkpoints in --out (0: only on SIGINT/SIGTERM and at the end)")
+    g.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run whose checkpoint.pt is in DIR (its settings come from the checkpoint)")
+    g.add_argument("--force", action="store_true",
+                   help="take over --out although a lock or an unfinished checkpoint is there")
 
     p = sub.add_parser("experts", help="train expert trajectories for mtt/datm/pad (resumable)")
     _add_data_flags(p)
@@ -120,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other expert setting (ddlib.trajectory.ExpertConfig), e.g. --set lr=0.02")
     _add_run_flags(p)
+    p.add_argument("--force", action="store_true", help="take over --out although another process holds its lock")
 
     p = sub.add_parser("evaluate", help="evaluate a synset.pt file")
     p.add_argument("synset", help="path to synset.pt")
@@ -133,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("synset")
     _add_batch_parsers(sub)
     return parser
+
+
+def _add_backend_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="where runs execute (ray: one task each)")
+    p.add_argument("--address", default=None,
+                   help="ray: cluster address HOST:PORT (default: $RAY_ADDRESS, else a Ray started here)")
+    p.add_argument("--cpus-per-run", type=float, default=1, help="ray: CPUs (and threads) of each run's task")
 
 
 def _add_batch_parsers(sub) -> None:
@@ -153,9 +171,24 @@ def _add_batch_parsers(sub) -> None:
     p.add_argument("--notebooks-dir", default=None, help="where numbered notebooks are found (default: ./notebooks)")
     p.add_argument("--results", default=None, help="runs table for the notebooks' rows (default as for distill)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their parameters, run nothing")
+    _add_backend_flags(p)
     p = nbsub.add_parser("params", help="a notebook's parameters, defaults and profile values")
     p.add_argument("notebook")
     p.add_argument("--notebooks-dir", default=None)
+
+    p = sub.add_parser("sweep", help="distil every method x IPC x seed, here or on a Ray cluster")
+    p.add_argument("--method", required=True, help="comma-separated methods, e.g. dm,datadam")
+    p.add_argument("--ipc", default="10", help="comma-separated images per class, e.g. 1,10,50")
+    p.add_argument("--seed", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--dataset", default="digits", help="dataset of every run")
+    p.add_argument("--iterations", type=int, default=None, help="iterations of every run (method default)")
+    p.add_argument("--out", default="runs/sweep", help="one folder per run inside it")
+    p.add_argument("--results", default=None, help="runs table (default: $DDLIB_RESULTS, else results/runs.jsonl)")
+    p.add_argument("--jobs", type=int, default=1, help="local backend: runs at once")
+    p.add_argument("--gpus-per-run", type=float, default=0, help="ray: GPUs of each run's task")
+    p.add_argument("--dry-run", action="store_true", help="print the runs, run nothing")
+    _add_backend_flags(p)
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: further `distill` flags for every run")
 
     res = sub.add_parser("results", help="the runs table: leaderboard and figures")
     rsub = res.add_subparsers(dest="results_command", required=True)
@@ -361,12 +394,62 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """For ``--resume DIR``: the checkpoint's config, after setting args' method, seed, dataset, image size
+    and --out from it (a flag given with another value is an error). None without --resume; with --out and
+    no --resume, refuses to start over an unfinished checkpoint unless --force."""
+    from ddlib.checkpoint import CheckpointError, checkpoint_path
+    from ddlib.io import load_checked
+
+    hint = "delete it to start afresh, or resume from another copy"
+    if args.resume is None:
+        path = checkpoint_path(args.out) if args.out else None
+        if path is not None and path.is_file() and not args.force:
+            body = load_checked(path, "ddlib.Checkpoint", CheckpointError, hint + " (or pass --force)")
+            done, total = body["loop"]["iteration"], body["config"]["iterations"]
+            if done < total:
+                raise ValueError(f"{args.out} holds an unfinished run ({path}, iteration {done} of {total}); continue "
+                                 f"it with --resume {args.out}, or pass --force to start over")
+        return None
+    if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise ValueError(f"--resume continues in its own folder {args.resume}; drop --out {args.out}")
+    args.out = args.resume
+    body = load_checked(checkpoint_path(args.resume), "ddlib.Checkpoint", CheckpointError, hint)
+    defaults = build_parser().parse_args(["distill"])
+    for flag, saved in (("method", body["method"]), ("seed", body["seed"]), ("dataset", body["dataset"]["name"]),
+                        ("image_size", body["dataset"]["image_size"]), ("model", body["config"]["model"])):
+        given = getattr(args, flag)
+        if given not in (getattr(defaults, flag), saved):
+            raise ValueError(f"the checkpoint in {args.resume} is from a run with --{flag.replace('_', '-')} {saved}, "
+                             f"not {given}; leave the flag out to resume")
+        setattr(args, flag, saved)
+    print(f"resuming {args.resume}: {body['method']} on {body['dataset']['name']} "
+          f"({body['dataset']['image_size']} px), seed {body['seed']}, iteration {body['loop']['iteration']}")
+    return body["config"]
+
+
+def _resumed_config(saved: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's config with the command line's overrides of the fields a resume may change;
+    overrides of any other field must agree with the checkpoint."""
+    from ddlib.checkpoint import FREE_ON_RESUME
+
+    clash = [f"{k}={v!r} (checkpoint: {saved.get(k)!r})" for k, v in overrides.items()
+             if v is not None and k not in FREE_ON_RESUME and saved.get(k) != v]
+    if clash:
+        raise ValueError(f"--resume keeps the run's settings; these differ: {', '.join(clash)}. Only "
+                         f"{', '.join(FREE_ON_RESUME)} may change")
+    return {**saved, **{k: v for k, v in overrides.items() if v is not None and k in FREE_ON_RESUME}}
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from ddlib import distributed
     from ddlib.methods import distill, make_config
     from ddlib.utils import resolve_device
 
+    distributed.prefix_output()  # under torchrun: "[rank R/N] " before every line
+    resumed = _resume_settings(args)  # --resume: method, seed, dataset and settings from the checkpoint
     real = _load(args)
     overrides = dict(ipc=args.ipc, iterations=args.iterations, init=args.init, batch_real=args.batch_real,
                      lr_img=args.lr_img, model=args.model, precision=args.precision, power=args.power,
@@ -374,7 +457,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                      outer_loop=args.outer_loop, inner_loop=args.inner_loop, lr_net=args.lr_net,
                      hessian_weight=args.hessian_weight, hessian_probes=args.hessian_probes,
                      experts=args.experts, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
-                     max_start_epoch=args.max_start_epoch)
+                     max_start_epoch=args.max_start_epoch, chunk=args.chunk, batch_syn=args.batch_syn)
     overrides.update(_parse_sets(args.set))  # --set power=1 must not collide with the None of --power
     if args.no_dsa:
         overrides["dsa"] = False
@@ -382,17 +465,29 @@ def cmd_distill(args: argparse.Namespace) -> int:
         flag = "--" + key.replace("_", "-")
         if key == "eval_epochs" and args.eval_epochs is None:
             args.eval_epochs = value
-        elif key != "eval_epochs" and overrides.get(key) is None and args.preset is None:
+        elif key != "eval_epochs" and overrides.get(key) is None and args.preset is None and resumed is None:
             overrides[key] = value
         else:
             continue
         print(f"{key} = {value} (quick default for {real.name}; pass {flag} to change)")
-    cfg = make_config(args.method, args.preset, **overrides)
-    device = resolve_device(args.device)
+    cfg = (make_config(args.method, args.preset, **overrides) if resumed is None
+           else make_config(args.method, None, **_resumed_config(resumed, overrides)))
+    device = distributed.device_for(resolve_device(args.device))
     protocol = _protocol(args)
     print(f"{args.method} on {real.name} ({real.channels}x{real.image_size}x{real.image_size}, "
           f"{real.num_classes} classes), {cfg.ipc} images/class, {cfg.iterations} iterations, {cfg.model}, {device}")
-    synset = distill(args.method, real, cfg, seed=args.seed, device=device)
+    if resumed is not None and distributed.launch() is not None:
+        raise ValueError("--resume is not supported under torchrun yet; resume in a single process")
+    ckpt = dict(checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every, resume=resumed is not None)
+    if distributed.launch() is not None:  # a sharded rank's state is partial: no checkpoints under torchrun
+        if resumed is not None:
+            raise ValueError("--resume is not supported under torchrun; resume with a single process")
+        ckpt = {}
+    synset = distill(args.method, real, cfg, seed=args.seed, device=device, show_progress=distributed.is_main(),
+                     **(ckpt if args.out and distributed.launch() is None else {}))  # torchrun: not yet
+    if not distributed.is_main():  # under torchrun rank 0 saves, evaluates and records
+        print("distilled; rank 0 writes the results")
+        return 0
     if args.protocol is None and isinstance(synset.meta.get("protocol"), dict):  # the method's own (datm: batch 128)
         from ddlib.evaluate import Protocol, get_protocol
 
@@ -414,9 +509,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_experts(args: argparse.Namespace) -> int:
+    from ddlib import distributed
     from ddlib.trajectory import ExpertConfig, train_experts
     from ddlib.utils import resolve_device
 
+    distributed.prefix_output()  # under torchrun: "[rank R/N] " before every line; each rank trains its experts
     if not args.out:
         raise ValueError("experts needs --out DIR (the folder of trajectories; an existing one is resumed)")
     real = _load(args)
@@ -424,7 +521,10 @@ def cmd_experts(args: argparse.Namespace) -> int:
                                  optimizer=args.optimizer, subset=args.subset, half=args.half,
                                  curriculum=args.curriculum), **_parse_sets(args.set)})
     print(f"{cfg.num_experts} {cfg.optimizer} experts ({cfg.model}, {cfg.epochs} epochs) on {real.name} -> {args.out}")
-    out = train_experts(real, cfg, args.out, seed=args.seed, device=resolve_device(args.device))
+    out = train_experts(real, cfg, args.out, seed=args.seed,
+                        device=distributed.device_for(resolve_device(args.device)))
+    if not distributed.is_main():
+        return 0
     index = json.loads((out / "index.json").read_text())
     accuracies = [e["test_accuracy"] for e in index["experts"].values() if "test_accuracy" in e]
     if accuracies:
@@ -511,7 +611,8 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     import yaml
 
     cfg = nbr.RunnerConfig(out=Path(args.out), profile=args.profile, jobs=args.jobs, force=args.force,
-                           kernel=args.kernel, timeout=args.timeout, results=args.results)
+                           kernel=args.kernel, timeout=args.timeout, results=args.results, backend=args.backend,
+                           address=args.address, cpus_per_run=max(1, int(args.cpus_per_run)))
     file_params = yaml.safe_load(Path(args.params_file).read_text()) if args.params_file else None
     if file_params is not None and not isinstance(file_params, dict):
         raise ValueError(f"{args.params_file} must map parameter names to values")
@@ -526,6 +627,28 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     if failed:
         print(f"{len(failed)} of {len(statuses)} run(s) failed: {', '.join(failed)} (see their .log files)",
               file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ddlib.sweep import SweepConfig, plan_sweep, run_sweep
+
+    def values(text: str, kind=str) -> list:
+        return [kind(v) for v in text.split(",") if v.strip()]
+
+    cfg = SweepConfig(methods=values(args.method), ipcs=values(args.ipc, int), seeds=values(args.seed, int),
+                      dataset=args.dataset, iterations=args.iterations, extra=[a for a in args.extra if a != "--"],
+                      out=Path(args.out),
+                      results=args.results, backend=args.backend, address=args.address, jobs=args.jobs,
+                      cpus=args.cpus_per_run, gpus=args.gpus_per_run)
+    if args.dry_run:
+        for run in plan_sweep(cfg):
+            print(f"{run.name}: ddlib distill {' '.join(run.argv)}")
+        return 0
+    statuses = run_sweep(cfg)
+    failed = [s["name"] for s in statuses if s["status"] != "ok"]
+    print(f"{len(statuses) - len(failed)} of {len(statuses)} run(s) ok" + (f"; failed: {', '.join(failed)}" if failed
+                                                                          else ""))
     return 1 if failed else 0
 
 
@@ -563,7 +686,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 COMMANDS = {"datasets": cmd_datasets, "models": cmd_models, "methods": cmd_methods,
             "prepare-mhist": cmd_prepare_mhist, "baseline": cmd_baseline, "select": cmd_select,
             "distill": cmd_distill, "experts": cmd_experts, "evaluate": cmd_evaluate, "info": cmd_info,
-            "notebooks": cmd_notebooks,
+            "notebooks": cmd_notebooks, "sweep": cmd_sweep,
             "results": cmd_results, "report": cmd_report}
 
 
@@ -574,13 +697,46 @@ def main(argv: list[str] | None = None) -> int:
     from ddlib.errors import USER_ERRORS
 
     try:
-        return COMMANDS[args.command](args)
+        with _output_lock(args):
+            return COMMANDS[args.command](args)
     except USER_ERRORS as exc:
         if os.environ.get("DDLIB_DEBUG"):
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
+    except RuntimeError as exc:
+        if not _out_of_memory(exc) or os.environ.get("DDLIB_DEBUG"):
+            raise
+        print(f"error: {OOM_HINT.format(command=args.command)}", file=sys.stderr)
+        return 2
+
+
+OOM_HINT = ("the GPU ran out of memory during `{command}`; lower it with --batch-real B (real images per class), "
+            "--chunk N (images per network pass, same result), --batch-syn N (mtt/datm/pad) or --precision bf16, "
+            "or run on --device cpu; a run with --out resumes from its last checkpoint with --resume")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error, without importing torch for commands that do not."""
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch is not None else None
+    return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
+
+
+def _output_lock(args: argparse.Namespace):
+    """The lock on ``--out`` (or ``--resume``) of commands that write a run folder; a null context otherwise."""
+    from contextlib import nullcontext
+
+    folder = (getattr(args, "resume", None) or args.out) if args.command in LOCKED_COMMANDS else None
+    if not folder or os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 owns the folder
+        return nullcontext()
+    from ddlib.checkpoint import RunLock
+
+    return RunLock(folder, force=getattr(args, "force", False))
+
+
+LOCKED_COMMANDS = ("distill", "experts")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ddlib.io import atomic_write, load_tensors, save_tensors
+from ddlib.io import atomic_write, checksum, load_tensors, save_tensors
 
 __all__ = [
     "DatasetFormatError",
@@ -841,6 +841,8 @@ def _load_cached(path: Path, names: list[str], size: int) -> tuple[Tensor, dict]
             or images.dtype != torch.uint8
         ):
             raise ValueError("contents do not match annotations.csv")
+        if "sha256" in entry and entry["sha256"] != checksum(images):  # files from before the checksum: trusted
+            raise ValueError("its sha256 checksum does not match its images (corrupt or truncated)")
         return images, entry["notes"]
     except Exception as exc:  # noqa: BLE001 -- a truncated or foreign file is rebuilt, whatever torch.load raises
         warnings.warn(
@@ -853,7 +855,8 @@ def _load_cached(path: Path, names: list[str], size: int) -> tuple[Tensor, dict]
 def _store_cache(path: Path, names: list[str], images: Tensor, notes: dict) -> bool:
     """Write the cache file; False (with a warning) if the cache folder is not writable."""
     try:
-        save_tensors({"version": MHIST_CACHE_VERSION, "names": names, "images": images, "notes": notes}, path)
+        save_tensors({"version": MHIST_CACHE_VERSION, "names": names, "images": images, "notes": notes,
+                      "sha256": checksum(images)}, path)
         return True
     except OSError as exc:
         warnings.warn(f"could not write the MHIST cache {path} ({exc}); continuing without it", stacklevel=3)

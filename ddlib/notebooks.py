@@ -60,6 +60,9 @@ class RunnerConfig:
     results: Path | None = None       # runs table for the notebooks' record() calls (None: ddlib's default)
     gpu_available: bool | None = None  # None: ask torch; GPU-only notebooks are skipped without one
     cores: int | None = None          # CPU cores shared by the jobs (None: those this process may use)
+    backend: str = "local"            # local (subprocesses here) | ray (one Ray task per run, ddlib.sweep)
+    address: str | None = None        # Ray cluster address (None: $RAY_ADDRESS, else a Ray started here)
+    cpus_per_run: int = 1             # ray: CPUs (and threads) of each notebook's task
 
 
 @dataclass
@@ -276,6 +279,12 @@ def describe_parameters(path: Path) -> str:
 # ------------------------------------------------------------------------------------------ execution
 def run_all(runs: Sequence[Run], cfg: RunnerConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Execute ``runs`` ``cfg.jobs`` at a time; one failure does not stop the others. Returns the statuses."""
+    if cfg.backend == "ray":
+        from ddlib.sweep import run_notebooks_ray
+
+        return run_notebooks_ray(runs, cfg, log)
+    if cfg.backend != "local":
+        raise ValueError(f"unknown backend {cfg.backend!r}; use local or ray")
     cfg.out.mkdir(parents=True, exist_ok=True)
     cores = cfg.cores or _cores()
     jobs = max(1, min(cfg.jobs, len(runs) or 1))

@@ -7,7 +7,6 @@ it was made and how it should be evaluated.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ddlib.io import atomic_write
+from ddlib.io import atomic_write, checksum, load_failure, plain
 
 __all__ = ["SyntheticSet", "SynsetFormatError", "class_labels"]
 
@@ -115,16 +114,24 @@ class SyntheticSet:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no synthetic set at {path}")
+        redo = "copy the file again or re-run the command that wrote it"
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated zip, pickle with code, garbage bytes
+        except Exception as exc:  # noqa: BLE001 -- truncated zip, a pickle that wants to run code, garbage bytes
+            reason = load_failure(exc)
             raise SynsetFormatError(f"{path} is not a readable synthetic-set file ({type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0][:200]})") from None
+                                    f"{reason}); {redo}") from None
         if not isinstance(payload, dict) or payload.get("format") != "ddlib.SyntheticSet":
             raise SynsetFormatError(f"{path} is not a ddlib synthetic-set file")
         if payload.get("checksum") != _checksum(payload):
-            raise SynsetFormatError(f"{path} is corrupt: its checksum does not match its contents")
-        synset = cls(payload["images"], payload["labels"], payload["lr"], payload["meta"])
+            raise SynsetFormatError(f"{path} is corrupt: its checksum does not match its contents; {redo}")
+        if not isinstance(payload["meta"], dict):
+            raise SynsetFormatError(f"{path}: meta must be a dict, got {type(payload['meta']).__name__}")
+        try:
+            synset = cls(payload["images"], payload["labels"], payload["lr"], payload["meta"])
+        except SynsetFormatError as exc:
+            raise SynsetFormatError(f"{path}: {exc}") from None
+        _check_classes(synset, path)
         return synset.to(map_location)
 
 
@@ -149,41 +156,20 @@ def _validate(images: Tensor, labels: Tensor, lr: Tensor | None) -> None:
 
 def _checksum(payload: dict) -> str:
     """sha256 over every tensor's bytes and every plain value in the payload (bar the checksum itself)."""
-    h = hashlib.sha256()
-    _hash(h, {k: payload[k] for k in ("images", "labels", "lr", "meta")})
-    return h.hexdigest()
+    return checksum({k: payload.get(k) for k in ("images", "labels", "lr", "meta")})
 
 
-def _hash(h: "hashlib._Hash", value: Any) -> None:
-    if isinstance(value, dict):
-        for k in sorted(value):
-            h.update(repr(k).encode())
-            _hash(h, value[k])
-    elif isinstance(value, (list, tuple)):
-        h.update(b"[")
-        for v in value:
-            _hash(h, v)
-        h.update(b"]")
-    elif isinstance(value, Tensor):
-        t = value.detach().cpu().contiguous().reshape(-1)
-        h.update(f"T{tuple(value.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    else:
-        h.update(repr(value).encode())
+def _check_classes(synset: "SyntheticSet", path: Path) -> None:
+    """Labels within the classes the set's dataset declares: hard in [0, K), soft with K columns."""
+    k = (synset.meta.get("dataset") or {}).get("num_classes")
+    if k is None:
+        return
+    labels = synset.labels
+    if synset.soft_labels and labels.shape[1] != int(k):
+        raise SynsetFormatError(f"{path}: soft labels have {labels.shape[1]} columns but the set declares {k} classes")
+    if not synset.soft_labels and len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < int(k)):
+        raise SynsetFormatError(f"{path}: labels {int(labels.min())}..{int(labels.max())} fall outside the "
+                                f"{k} classes the set declares")
 
 
-def _plain(value: Any) -> Any:
-    """Meta reduced to values ``torch.load(weights_only=True)`` accepts: dicts, lists, scalars, tensors."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Tensor):
-        return value.detach().cpu()
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    return repr(value)
+_plain = plain

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ddlib import distributed
 from ddlib.augment import DSA, default_strategy
 from ddlib.data import RealSet
 from ddlib.io import load_json, load_tensors, save_json, save_tensors
@@ -402,14 +403,20 @@ def train_experts(real: RealSet, cfg: ExpertConfig, out_dir: str | Path, *, seed
     from ``generator(seed, "expert", i, "train")``, so a resumed run writes the same files as an
     uninterrupted one. Existing expert files are verified (checksum) and kept; a corrupt one raises
     ExpertFileError; a folder made with other settings raises ExpertFileError.
+
+    Under torchrun the experts are split round-robin across the ranks; each rank writes only its own
+    expert files, and rank 0 writes the index (the same file a single process writes) after the others
+    have finished.
     """
     out, device = Path(out_dir), torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
+    run = distributed.init(device)
     template = get_network(cfg.model, real.channels, real.num_classes, real.image_size)
     settings = _settings(real, cfg, seed, FlatModel(template))
     index = _open_index(out, settings)
-    data = _ExpertData(real, cfg, seed, out, device)
-    for i in progress(range(cfg.num_experts), desc="experts", total=cfg.num_experts, enable=show_progress):
+    data = _expert_data(real, cfg, seed, out, device, index)
+    mine = distributed.owned_items(range(cfg.num_experts), run)
+    for i in progress(mine, desc="experts", total=len(mine), enable=show_progress and distributed.is_main()):
         path, entry = out / expert_file(i), index["experts"].get(str(i))
         if path.exists():
             _, digest = _read_expert(path, entry["sha256"] if entry else None)
@@ -422,11 +429,39 @@ def train_experts(real: RealSet, cfg: ExpertConfig, out_dir: str | Path, *, seed
         save_tensors({"format": FORMAT, "version": FORMAT_VERSION, "expert": i, "trajectory": trajectory,
                       "sha256": digest}, path)
         index["experts"][str(i)] = {"file": path.name, "sha256": digest, "test_accuracy": accuracy}
+        if run is None:
+            index["num_experts"] = len(index["experts"])
+            save_json(index, out / INDEX_FILE)
+    if run is not None:
+        _merge_index(index, [index["experts"].get(str(i)) for i in mine], mine)
+    if distributed.is_main():
         index["num_experts"] = len(index["experts"])
         save_json(index, out / INDEX_FILE)
-    index["num_experts"] = len(index["experts"])
-    save_json(index, out / INDEX_FILE)
+    distributed.barrier()  # the index is complete before any rank returns
     return out
+
+
+def _expert_data(real: RealSet, cfg: ExpertConfig, seed: int, out: Path, device: torch.device,
+                 index: dict) -> _ExpertData:
+    """The experts' data; under torchrun rank 0 first (it writes the index and the curriculum's scores),
+    then the other ranks, which read them."""
+    if distributed.launch() is None:
+        return _ExpertData(real, cfg, seed, out, device)
+    if distributed.is_main():
+        save_json(index, out / INDEX_FILE)  # so that expert files never exist without an index
+        data = _ExpertData(real, cfg, seed, out, device)
+    distributed.barrier()
+    if not distributed.is_main():
+        data = _ExpertData(real, cfg, seed, out, device)
+    return data
+
+
+def _merge_index(index: dict, entries: list, mine: list[int]) -> None:
+    """Every rank's entries for its own experts into ``index``, ordered by expert number (collective)."""
+    merged = dict(index["experts"])
+    for keys, values in distributed.gather_objects((mine, entries)):
+        merged.update({str(i): e for i, e in zip(keys, values) if e is not None})
+    index["experts"] = {k: merged[k] for k in sorted(merged, key=int)}
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -10,7 +10,7 @@ def test_entries_cover_the_landed_methods():
     from ddlib.methods import list_methods
 
     assert {e.method for e in ENTRIES} <= set(list_methods())
-    assert {"dm", "datadam", "dc", "dd"} <= {e.method for e in ENTRIES}
+    assert {"dm", "datadam", "dc", "dsa", "dd", "mtt", "datm", "pad"} <= {e.method for e in ENTRIES}
 
 
 def test_bench_writes_json_and_table(tmp_path):  # fixture MNIST from DDLIB_DATA (conftest)
@@ -24,3 +24,15 @@ def test_bench_writes_json_and_table(tmp_path):  # fixture MNIST from DDLIB_DATA
     assert row["flops"] > 0 and row["settings"]["ipc"] == 10
     table = (tmp_path / "table-cpu.md").read_text()
     assert "datadam-mnist-ipc10" in table and "dd-mnist-ipc10" in table
+
+
+def test_trajectory_entry_trains_experts_and_reports_budget_accuracy(tmp_path):
+    cache = tmp_path / "experts"
+    code = main(["--only", "mtt-mnist-ipc10-n10-b50", "--warmup", "0", "--repeats", "1", "--device", "cpu",
+                 "--out", str(tmp_path), "--experts-cache", str(cache), "--accuracy-iterations", "1",
+                 "--accuracy-epochs", "1"])
+    assert code == 0
+    row = json.loads((tmp_path / "mtt-mnist-ipc10-n10-b50-cpu.json").read_text())
+    assert row["settings"]["syn_steps"] == 10 and row["settings"]["batch_syn"] == 50
+    assert list(cache.iterdir()) and row["settings"]["experts"].startswith(str(cache))
+    assert row["budget_iterations"] == 1 and 0.0 <= row["budget_accuracy"] <= 1.0

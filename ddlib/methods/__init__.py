@@ -42,8 +42,12 @@ def make_config(method: str, preset: str | None = None, **overrides: Any) -> Dis
 
 def distill(method: str, real: RealSet, cfg: DistillConfig | None = None, *, seed: int = 0,
             device: str | torch.device = "auto", callbacks: tuple = (), show_progress: bool = True,
-            preset: str | None = None, **overrides: Any) -> SyntheticSet:
-    """Distil ``real`` with ``method`` and return the synthetic set (its meta records everything)."""
+            preset: str | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+            resume: bool = False, **overrides: Any) -> SyntheticSet:
+    """Distil ``real`` with ``method`` and return the synthetic set (its meta records everything).
+
+    checkpoint_dir/checkpoint_every/resume: see ``distill_with`` (checkpoints and exact resume)."""
     cfg = cfg or make_config(method, preset, **overrides)
     distiller = get_method(method)(real, cfg, seed=seed, device=resolve_device(device))
-    return distill_with(distiller, callbacks=callbacks, show_progress=show_progress)
+    return distill_with(distiller, callbacks=callbacks, show_progress=show_progress, checkpoint_dir=checkpoint_dir,
+                        checkpoint_every=checkpoint_every, resume=resume)

@@ -94,15 +94,16 @@ def mmd_loss(real_mean: Tensor, syn_mean: Tensor, weight: float) -> Tensor:
 
 @torch.no_grad()
 def _real_statistics(net: nn.Module, x: Tensor, num_classes: int, chunk: int,
-                     power: float) -> tuple[list[Tensor], Tensor]:
+                     power: float, whole: bool | None = None) -> tuple[list[Tensor], Tensor]:
     """Class-mean attention maps ([K, h*w] per block but the last) and embeddings [K, D] of real
     images x [K * n, C, H, W] ordered by class, without gradients.
 
     The big block maps are reduced to class means right away. Nets without BatchNorm go in chunks of
     ``chunk`` images (the first block's maps stay in cache: much faster on a CPU), accumulating class
-    sums; BatchNorm nets see the whole batch at once, since their statistics depend on it.
+    sums; BatchNorm nets see the whole batch at once, since their statistics depend on it. ``whole``
+    (default: ``chunk`` covers x) chooses one pass.
     """
-    if has_batchnorm(net) or chunk >= x.shape[0]:
+    if has_batchnorm(net) or (chunk >= x.shape[0] if whole is None else whole):
         maps, embedding = net.block_outputs(x)
         return ([class_means(attention_map(m, power), num_classes) for m in maps[:-1]],
                 class_means(embedding.float(), num_classes))
@@ -145,6 +146,7 @@ def _build_network(cfg: DataDAMConfig, channels: int, num_classes: int, image_si
 class DataDAM(Distiller):
     name = "datadam"
     Config = DataDAMConfig
+    shardable = True
     PRESETS: ClassVar[dict[str, dict]] = {
         # Table 1 of the course for MNIST (K = 100 networks, eta_S = 0.1, minibatch 256, 10 images/class).
         # MHIST: K = 200 and minibatch 128, i.e. --iterations 200 --batch-real 128 --ipc 50.
@@ -162,13 +164,19 @@ class DataDAM(Distiller):
         self.net = _build_network(self.cfg, real.channels, real.num_classes, real.image_size, self.device)
         self.net.requires_grad_(False)
         self.net.train()  # BatchNorm nets normalise with batch statistics, as the official code does
+        if has_batchnorm(self.net):
+            self.unshard("the BatchNorm statistics couple all classes")
 
     def real_statistics(self, net: nn.Module, real_x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """Class-mean attention maps ([K, h*w] per block but the last) and embeddings [K, D] of real
-        images [K, n, C, H, W], without gradients."""
-        chunk = self.chunk_size(real_x.shape[0] * real_x.shape[1])
+        """Class-mean attention maps ([k, h*w] per block but the last) and embeddings [k, D] of real
+        images [k, n, C, H, W] (k: all classes, or a rank's share), without gradients.
+
+        Whether the pass is chunked is decided for all K classes, so that a rank sums as a single process.
+        """
+        chunk = self.chunk_size(self.num_classes * real_x.shape[1])
+        whole = chunk >= self.num_classes * real_x.shape[1]
         with self.autocast():
-            return _real_statistics(net, real_x.flatten(0, 1), self.num_classes, chunk, self.cfg.power)
+            return _real_statistics(net, real_x.flatten(0, 1), real_x.shape[0], chunk, self.cfg.power, whole)
 
     def class_loss(self, net: nn.Module, real_stats: tuple[list[Tensor], Tensor], syn_part: Tensor,
                    classes: slice) -> dict[str, Tensor]:
@@ -189,10 +197,8 @@ class DataDAM(Distiller):
     def step(self, iteration: int) -> dict[str, Tensor]:
         cfg, net = self.cfg, self.net
         init_parameters_(net, self.rng("net", iteration))
-        real_x = self.real.sample_per_class(cfg.batch_real, self.rng("real", iteration))  # [K, n, C, H, W]
-        syn_x = self.per_class(self.images)                                                # [K, ipc, C, H, W]
-        if self.dsa is not None:
-            real_x, syn_x = self.dsa.siamese(real_x, syn_x, self.rng("dsa", iteration))
+        # [k, n, C, H, W] and [k, ipc, C, H, W]: the owned classes (all K in one process)
+        real_x, syn_x = self.matching_batches(cfg.batch_real, self.rng("real", iteration), self.rng("dsa", iteration))
         stats = self.real_statistics(net, real_x)
         return self.update_images_by_class(syn_x, lambda part, classes: self.class_loss(net, stats, part, classes),
                                            net)

@@ -55,6 +55,7 @@ def soft_cross_entropy(logits: Tensor, target_logits: Tensor, temperature: float
 class DATM(MTT):
     name = "datm"
     Config = DATMConfig
+    state_attrs = (*MTT.state_attrs, "label_logits", "label_optimizer")
     eval_batch = 128
 
     def __init__(self, *args, **kwargs):

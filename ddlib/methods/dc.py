@@ -199,6 +199,7 @@ def rademacher_like(params: dict[str, Tensor], rng: torch.Generator) -> dict[str
 class DC(Distiller):
     name = "dc"
     Config = DCConfig
+    shardable = True  # the matching is per class; BatchNorm is frozen (eval mode) before it
     PRESETS: ClassVar[dict[str, dict]] = {
         # The course's Table 1 for MNIST (K = 100 networks, T = 10 outer steps, zeta_theta = 50 inner
         # epochs, eta_S = 0.1, eta_theta = 0.01, minibatch 256); MHIST: --iterations 200 --batch-real 128.
@@ -238,12 +239,14 @@ class DC(Distiller):
                 m.eval()
 
     def matching_loss(self, real_x: Tensor, syn_x: Tensor, rng: torch.Generator) -> dict[str, Tensor]:
-        """Gradient distance (plus the weighted HVP distance) for real [K, n, ...] and synthetic [K, ipc, ...]."""
+        """Gradient distance (plus the weighted HVP distance) for real [k, n, ...] and synthetic [k, ipc, ...]
+        images of the ``owned`` classes (all K in one process)."""
         cfg, net, batched = self.cfg, self.net, self.batched
-        real_y = self.real_labels[:, :real_x.shape[1]]  # sample_per_class gives fewer for a small class
+        real_y = self.real_labels[self.owned, :real_x.shape[1]]  # sample_per_class gives fewer for a small class
+        syn_y = self.syn_labels[self.owned]
         with torch.no_grad():
             g_real = class_gradients(net, real_x, real_y, batched=batched, chunk=self._real_chunk(real_x))
-        g_syn = class_gradients(net, syn_x, self.syn_labels, batched=batched)
+        g_syn = class_gradients(net, syn_x, syn_y, batched=batched)
         loss = gradient_distance(g_syn, g_real, cfg.distance)
         out = {"grad_distance": loss.detach()}
         if cfg.hessian_weight > 0:
@@ -253,7 +256,7 @@ class DC(Distiller):
                 v = rademacher_like(params, rng)
                 with torch.no_grad():
                     h_real = class_hvps(net, real_x, real_y, v, batched=batched)
-                hess = hess + gradient_distance(class_hvps(net, syn_x, self.syn_labels, v, batched=batched),
+                hess = hess + gradient_distance(class_hvps(net, syn_x, syn_y, v, batched=batched),
                                                 h_real, cfg.distance)
             hess = hess / cfg.hessian_probes
             loss = loss + cfg.hessian_weight * hess
@@ -263,9 +266,9 @@ class DC(Distiller):
 
     def _real_chunk(self, real_x: Tensor) -> int:
         """Real images per class per pass: everything on a GPU, ~``chunk_size`` images per pass on a CPU
-        (vmap passes all classes at once, so each class gets its share of that)."""
-        images = self.chunk_size(real_x.shape[0] * real_x.shape[1])
-        return max(1, images // real_x.shape[0]) if self.batched else images
+        (vmap passes all K classes at once, so each class gets its share of that)."""
+        images = self.chunk_size(self.num_classes * real_x.shape[1])
+        return max(1, images // self.num_classes) if self.batched else images
 
     def step(self, iteration: int) -> dict[str, Tensor]:
         init_parameters_(self.net, self.rng("net", iteration))
@@ -278,17 +281,19 @@ class DC(Distiller):
 
     def outer_step(self, iteration: int, outer: int) -> dict[str, Tensor]:
         """One matching update of the images, then (except after the last outer step) ``inner`` epochs of
-        training of the network on the current synthetic set. Returns the detached loss parts."""
+        training of the network on the current synthetic set. Returns the detached loss parts.
+
+        Under class sharding a rank matches and updates its own classes, and the full set is gathered
+        before each inner training (the one exchange DC needs)."""
         cfg, net = self.cfg, self.net
         self.freeze_batchnorm(iteration, outer)
-        real_x = self.real.sample_per_class(cfg.batch_real, self.rng("real", iteration, outer))
-        syn_x = self.per_class(self.images)
-        if self.dsa is not None:
-            real_x, syn_x = self.dsa.siamese(real_x, syn_x, self.rng("dsa", iteration, outer))
+        real_x, syn_x = self.matching_batches(cfg.batch_real, self.rng("real", iteration, outer),
+                                              self.rng("dsa", iteration, outer))
         with self.autocast():
             parts = self.matching_loss(real_x, syn_x, self.rng("hvp", iteration, outer))
         self.update_images(parts["loss"])
         if outer < self.outer - 1:
+            self.share_images()
             net.train()
             train_network(net, self.images.detach(), self.labels, self.inner_protocol,
                           rng=self.rng("inner", iteration, outer), dsa_strategy=self._dsa_strategy())

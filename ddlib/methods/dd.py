@@ -94,6 +94,7 @@ def unroll(net: nn.Module, params: dict[str, Tensor], blocks: Tensor, lrs: Tenso
 class DD(Distiller):
     name = "dd"
     Config = DDConfig
+    state_attrs = (*Distiller.state_attrs, "raw_lrs", "scheduler")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ddlib.methods.base import DistillConfig, Distiller
 from ddlib.methods.registry import register_method
-from ddlib.models import get_network, init_parameters_
+from ddlib.models import get_network, has_batchnorm, init_parameters_
 
 __all__ = ["DMConfig", "DM"]
 
@@ -31,6 +31,7 @@ class DMConfig(DistillConfig):
 class DM(Distiller):
     name = "dm"
     Config = DMConfig
+    shardable = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -39,16 +40,16 @@ class DM(Distiller):
         self.net = get_network(self.cfg.model, real.channels, real.num_classes, real.image_size, device=self.device)
         self.net.requires_grad_(False)
         self.net.train()  # BatchNorm nets normalise with batch statistics, as the official BN path does
+        if has_batchnorm(self.net):
+            self.unshard("the BatchNorm statistics couple all classes")
 
     def step(self, iteration: int) -> dict[str, Tensor]:
-        cfg, real, net = self.cfg, self.real, self.net
+        cfg, net = self.cfg, self.net
         init_parameters_(net, self.rng("net", iteration))
-        real_x = real.sample_per_class(cfg.batch_real, self.rng("real", iteration))  # [K, n, C, H, W]
-        syn_x = self.per_class(self.images)                                            # [K, ipc, C, H, W]
-        if self.dsa is not None:
-            real_x, syn_x = self.dsa.siamese(real_x, syn_x, self.rng("dsa", iteration))
+        # [k, n, C, H, W] and [k, ipc, C, H, W]: the owned classes (all K in one process)
+        real_x, syn_x = self.matching_batches(cfg.batch_real, self.rng("real", iteration), self.rng("dsa", iteration))
         with self.autocast():
-            real_mean = self.per_class(self.embed_real(net, real_x.flatten(0, 1))).float().mean(dim=1)  # [K, D]
+            real_mean = self.embed_real(net, real_x.flatten(0, 1)).float().view(*real_x.shape[:2], -1).mean(dim=1)
 
         def class_loss(syn_part: Tensor, classes: slice) -> dict[str, Tensor]:
             syn_mean = net.embed(syn_part.flatten(0, 1)).float().view(*syn_part.shape[:2], -1).mean(dim=1)

@@ -69,6 +69,7 @@ def raw_for_lr(lr: float, floor: float) -> float:
 class MTT(Distiller):
     name = "mtt"
     Config = MTTConfig
+    state_attrs = (*Distiller.state_attrs, "raw_lr", "lr_optimizer")
 
     def __init__(self, real: RealSet, cfg: MTTConfig, *, seed: int = 0, device: str | torch.device = "cpu"):
         super().__init__(real, replace(cfg, init="real") if cfg.init == "correct" else cfg, seed=seed, device=device)
