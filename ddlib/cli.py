@@ -198,6 +198,9 @@ def _add_batch_parsers(sub) -> None:
     p.add_argument("--method", default=None, help="only this method")
     p.add_argument("--format", default="text", choices=["text", "markdown", "latex"])
     p.add_argument("--published", action="store_true", help="also print the published numbers")
+    p = rsub.add_parser("import", help="append metrics.json files made before the table (or elsewhere)")
+    p.add_argument("paths", nargs="+", help="metrics.json files or folders searched for them")
+    p.add_argument("--results", default=None)
     p = rsub.add_parser("plot", help="accuracy vs IPC, vs iteration and vs wall time (PNG)")
     p.add_argument("--results", default=None)
     p.add_argument("--out", default="results/figures", help="folder of the PNG files")
@@ -655,6 +658,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     from ddlib import results as res
 
+    if args.results_command == "import":
+        files = res.import_metrics(args.paths, args.results)
+        print(f"imported {len(files)} run(s) into {res.results_path(args.results)}")
+        return 0
     rows = res.read_rows(args.results)
     if not rows:
         print(f"no runs recorded in {res.results_path(args.results)}")

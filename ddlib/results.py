@@ -202,6 +202,30 @@ def record(metrics: dict[str, Any], params: dict[str, Any] | None = None, *, sou
     return row
 
 
+def import_metrics(paths: Sequence[str | os.PathLike], table: str | os.PathLike | None = None) -> list[Path]:
+    """Append every ``metrics.json`` found under ``paths`` (files or folders) that the table does not yet
+    hold (matched by source ``import:<path>``); return the files imported. For runs made before the
+    table existed, or copied from another machine."""
+    target = results_path(table)
+    if target is None:
+        raise ValueError("recording is off (DDLIB_RESULTS=off); pass --results PATH to import into a table")
+    known = {row.get("source") for row in read_rows(target)}
+    found = sorted({f for p in map(Path, paths) for f in ([p] if p.is_file() else p.rglob("metrics.json"))})
+    imported = []
+    for file in found:
+        source = f"import:{file.as_posix()}"
+        if source in known:
+            continue
+        metrics = json.loads(file.read_text())
+        if not isinstance(metrics, dict) or "accuracy_mean" not in metrics:
+            continue  # not a run's metrics (e.g. a notebook's own summary file)
+        row = make_row(metrics, {k: metrics[k] for k in ("method", "dataset", "ipc", "seed") if k in metrics},
+                       source=source)
+        append_row(row, target)
+        imported.append(file)
+    return imported
+
+
 def append_row(row: dict[str, Any], path: str | os.PathLike) -> Path:
     """Append ``row`` as one JSON line, holding a lock so parallel writers never interleave.
 

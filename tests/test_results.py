@@ -165,3 +165,17 @@ def test_checklist_marks_missing_items(rows):
     md = report.render_markdown(results.leaderboard(bare), list(items.values()), [], [], Path("."))
     assert "- [ ] **Random seeds**: missing" in md
     assert "No runs recorded for this task (missing)" in md
+
+
+def test_import_backfills_metrics_files_once(tmp_path):
+    run = tmp_path / "old" / "dm_run"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"method": "dm", "dataset": "digits", "ipc": 1, "seed": 0,
+                                                  "accuracy_mean": 0.9, "accuracy_std": 0.01}))
+    (tmp_path / "old" / "summary").mkdir()
+    (tmp_path / "old" / "summary" / "metrics.json").write_text(json.dumps({"rows": []}))  # not a run: skipped
+    table = tmp_path / "runs.jsonl"
+    assert main(["results", "import", str(tmp_path / "old"), "--results", str(table)]) == 0
+    assert main(["results", "import", str(tmp_path / "old"), "--results", str(table)]) == 0
+    rows = results.read_rows(table)
+    assert len(rows) == 1 and rows[0]["params"]["method"] == "dm" and rows[0]["source"].startswith("import:")
