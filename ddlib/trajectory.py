@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch.func import functional_call
 from ddlib import distributed
 from ddlib.augment import DSA, default_strategy
 from ddlib.data import RealSet
-from ddlib.io import load_json, load_tensors, save_json, save_tensors
+from ddlib.io import checksum, load_json, load_tensors, save_json, save_tensors
 from ddlib.models import get_network, has_batchnorm
 from ddlib.rng import generator
 from ddlib.utils import progress
@@ -269,14 +268,6 @@ def expert_file(i: int) -> str:
     return f"expert_{i:04d}.pt"
 
 
-def _digest(trajectory: Tensor) -> str:
-    """sha256 of a trajectory's shape, dtype and bytes."""
-    t = trajectory.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{tuple(t.shape)}{t.dtype}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _settings(real: RealSet, cfg: ExpertConfig, seed: int, flat: FlatModel) -> dict[str, Any]:
     """Everything that must agree between the experts of one folder (num_experts may grow)."""
     config = asdict(cfg)
@@ -321,7 +312,7 @@ def _read_expert(path: Path, expected: str | None) -> tuple[Tensor, str]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ExpertFileError(f"{path} is not a ddlib expert file; {hint}")
     trajectory = payload.get("trajectory")
-    digest = _digest(trajectory) if isinstance(trajectory, Tensor) else None
+    digest = checksum(trajectory) if isinstance(trajectory, Tensor) else None
     if digest is None or digest != payload.get("sha256") or (expected is not None and digest != expected):
         raise ExpertFileError(f"{path} is corrupt: its checksum does not match; {hint}")
     return trajectory, digest
@@ -425,7 +416,7 @@ def train_experts(real: RealSet, cfg: ExpertConfig, out_dir: str | Path, *, seed
             continue
         trajectory, accuracy = _train_expert(real, cfg, data, i, seed, device)
         trajectory = trajectory.half() if cfg.half else trajectory
-        digest = _digest(trajectory)
+        digest = checksum(trajectory)
         save_tensors({"format": FORMAT, "version": FORMAT_VERSION, "expert": i, "trajectory": trajectory,
                       "sha256": digest}, path)
         index["experts"][str(i)] = {"file": path.name, "sha256": digest, "test_accuracy": accuracy}
