@@ -21,7 +21,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -152,7 +152,7 @@ def budget_accuracy(entry: Entry, cfg, real, args: argparse.Namespace, device: t
     """Accuracy after ``--accuracy-iterations`` iterations from the seed (one dc-protocol network), or {}."""
     if not args.accuracy_iterations:
         return {}
-    cfg.iterations = args.accuracy_iterations
+    cfg = replace(cfg, iterations=args.accuracy_iterations)
     distiller = get_method(entry.method)(real, cfg, seed=0, device=device)
     synset = distill_with(distiller, show_progress=False)
     result = evaluate_synset(synset, real, protocol="dc", epochs=args.accuracy_epochs, num_eval=1, seed=0,
