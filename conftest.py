@@ -21,3 +21,6 @@ os.environ["DDLIB_PROGRESS"] = "0"
 os.environ["MPLBACKEND"] = "Agg"
 os.environ["DDLIB_CACHE"] = str(_session_dir / "cache")
 os.environ["DDLIB_DATA"] = str(make_data_root(_session_dir / "data"))
+# Notebook kernels (nbval's above all) must never write into the repository's runs table; tests that
+# check recording point DDLIB_RESULTS at a temporary file.
+os.environ["DDLIB_RESULTS"] = "off"

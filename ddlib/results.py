@@ -8,7 +8,8 @@ accuracy_mean/std, random_accuracy_mean/std, distill_seconds, peak_memory_bytes,
 The table lives at ``--results PATH``, else ``$DDLIB_RESULTS``, else ``<repo>/results/runs.jsonl`` (the
 nearest folder above the working directory holding ``pyproject.toml`` or ``.git``). ``DDLIB_RESULTS=off``
 turns recording off; under pytest recording is off unless ``DDLIB_RESULTS`` is set, so the test suite never
-writes into the repository's table. Notebooks call ``record(metrics, params)``.
+writes into the repository's table. Notebooks call ``record_evaluation(result, params, method=..., ...)``
+(or ``record(metrics, params)``) for each set they evaluate, outside their smoke branch.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["record", "make_row", "append_row", "read_rows", "results_path", "code_version", "PUBLISHED",
+__all__ = ["record", "record_evaluation", "evaluation_metrics", "make_row", "append_row", "read_rows",
+           "results_path", "code_version", "PUBLISHED",
            "Published", "published_accuracy", "runs_frame", "leaderboard", "format_table", "markdown_table",
            "latex_table", "plot_all", "SCHEMA"]
 
@@ -179,7 +181,9 @@ def make_row(metrics: dict[str, Any], params: dict[str, Any] | None = None, *, s
 
 
 def _default_source() -> str:
-    return os.environ.get("DDLIB_RUN_NAME") or Path(sys.argv[0] or "python").name
+    """The runner's name for the run, else "notebook" inside a Jupyter kernel, else the script's name."""
+    script = Path(sys.argv[0] or "python").name
+    return os.environ.get("DDLIB_RUN_NAME") or ("notebook" if script.startswith("ipykernel") else script)
 
 
 def _environment() -> dict[str, Any]:
@@ -200,6 +204,32 @@ def record(metrics: dict[str, Any], params: dict[str, Any] | None = None, *, sou
     if target is not None:
         append_row(row, target)
     return row
+
+
+def evaluation_metrics(result, *, method: str, dataset: str, ipc: int | None, seed: int | None = None,
+                       random=None, **extra: Any) -> dict[str, Any]:
+    """A CLI-shaped metrics dict (the ``metrics.json`` schema) from an ``EvalResult`` (or its ``summary()``) of
+    a synthetic set and, optionally, that of its random-subset baseline; ``extra`` adds fields
+    (distill_seconds, ...)."""
+    summary = dict(result if isinstance(result, dict) else result.summary())
+    protocol = summary.pop("protocol", None) or {}
+    metrics = {"method": method, "dataset": dataset, "ipc": ipc, "seed": seed, **summary,
+               "protocol": protocol.get("name"), "eval_epochs": protocol.get("epochs")}
+    if random is not None:
+        base = random if isinstance(random, dict) else random.summary()
+        metrics.update(random_accuracy_mean=base["accuracy_mean"], random_accuracy_std=base["accuracy_std"],
+                       random_accuracies=list(base["accuracies"]))
+    metrics.update(extra)
+    return metrics
+
+
+def record_evaluation(result, params: dict[str, Any] | None = None, *, method: str, dataset: str,
+                      ipc: int | None, seed: int | None = None, random=None, source: str = "",
+                      **extra: Any) -> dict[str, Any]:
+    """``record`` for a notebook's evaluated set: one leaderboard row (see ``evaluation_metrics``)."""
+    metrics = evaluation_metrics(result, method=method, dataset=dataset, ipc=ipc, seed=seed, random=random,
+                                 **extra)
+    return record(metrics, params, source=source)
 
 
 def import_metrics(paths: Sequence[str | os.PathLike], table: str | os.PathLike | None = None) -> list[Path]:
@@ -317,11 +347,14 @@ _FIELDS = ("method", "dataset", "ipc", "model", "protocol", "eval_epochs", "iter
 
 
 def runs_frame(rows: Iterable[dict[str, Any]]):
-    """A pandas DataFrame with one line per row: the metrics' main fields plus source, time, code and machine."""
+    """A pandas DataFrame with one line per row: the metrics' main fields plus source, time, code and machine.
+    Rows of smoke runs (``params["smoke"]``: fixture data, tiny settings) are left out."""
     import pandas as pd
 
     records = []
     for i, row in enumerate(rows):
+        if (row.get("params") or {}).get("smoke"):
+            continue
         m = row.get("metrics", {})
         rec = {k: m.get(k) for k in _FIELDS}
         rec.update(row=i, source=row.get("source"), timestamp=row.get("timestamp"),

@@ -11,6 +11,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from ddlib.results import read_rows
+
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -43,9 +45,10 @@ def test_conventions(path: Path):
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_runs_under_papermill(path: Path, tmp_path: Path):
+def test_runs_under_papermill(path: Path, tmp_path: Path, monkeypatch):
     papermill = pytest.importorskip("papermill")
     out = tmp_path / path.name
+    monkeypatch.setenv("DDLIB_RESULTS", str(tmp_path / "runs.jsonl"))  # the kernel inherits it
     papermill.execute_notebook(str(path), str(out), parameters={"smoke": True}, cwd=str(path.parent),
                                progress_bar=False, kernel_name="python3")
     executed = nbformat.read(out, as_version=4)
@@ -53,3 +56,7 @@ def test_runs_under_papermill(path: Path, tmp_path: Path):
               if o.output_type == "error"]
     assert not errors
     assert any(c.metadata.get("tags") == ["injected-parameters"] for c in executed.cells)
+    if "record_evaluation(" in path.read_text():  # its evaluations reach the runs table, marked as smoke
+        rows = read_rows(tmp_path / "runs.jsonl")
+        assert rows and all(r["params"]["smoke"] and r["metrics"]["accuracies"] for r in rows)
+        assert rows[0]["source"] == "notebook"

@@ -90,6 +90,26 @@ def test_record_keeps_metrics_params_code_and_machine(tmp_path):
     assert set(saved["code"]) == {"commit", "dirty", "source_hash"} and saved["timestamp"].endswith("Z")
 
 
+def test_record_evaluation_gives_a_leaderboard_row_with_its_random_baseline(tmp_path, monkeypatch):
+    from ddlib.evaluate import EvalResult
+
+    monkeypatch.setenv("DDLIB_RESULTS", str(tmp_path / "nb.jsonl"))
+    protocol = {"name": "dc", "epochs": 300, "lr": 0.01}
+    synthetic = EvalResult("convnet", protocol, accuracies=[0.95, 0.97], balanced_accuracies=[0.95, 0.97])
+    random = EvalResult("convnet", protocol, accuracies=[0.90], balanced_accuracies=[0.90])
+    results.record_evaluation(synthetic, {"ipc": 10, "lr_img": 1.0}, method="datadam", dataset="mnist", ipc=10,
+                              seed=0, random=random, source="notebook:01", distill_seconds=12.5)
+    [saved] = results.read_rows()
+    m = saved["metrics"]
+    assert (m["protocol"], m["eval_epochs"], m["distill_seconds"]) == ("dc", 300, 12.5)
+    assert m["random_accuracies"] == [0.90] and saved["params"]["lr_img"] == 1.0
+    smoke = results.record_evaluation(synthetic, {"smoke": True}, method="datadam", dataset="mnist", ipc=10)
+    assert len(results.read_rows()) == 2
+    [line] = results.leaderboard([saved, smoke]).to_dict("records")  # smoke runs stay off the leaderboard
+    assert (line["method"], line["ipc"], line["protocol"], line["nets"]) == ("datadam", 10, "dc/300ep", 2)
+    assert line["accuracy"] == pytest.approx(96.0) and line["random"] == pytest.approx(90.0)
+
+
 def test_leaderboard_pools_networks_and_shows_published_and_random(rows):
     board = results.leaderboard(rows).set_index("method")
     assert "01" not in board.index and len(board) == 4  # the notebook-status row has no accuracy
