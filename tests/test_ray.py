@@ -89,3 +89,23 @@ def test_local_backend_imports_no_ray():
             "cfg = sweep.SweepConfig(['dm'], [1], [0]); assert len(sweep.plan_sweep(cfg)) == 1; "
             "assert 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_notebooks_run_as_ray_tasks_with_a_failure_isolated(cluster, tmp_path):
+    from test_runner import FAIL, WORK, make_notebook
+
+    c, _ = cluster
+    folder, table, out = tmp_path / "nbs", tmp_path / "runs.jsonl", tmp_path / "out"
+    make_notebook(folder / "01_good.ipynb", WORK)
+    make_notebook(folder / "02_bad.ipynb", FAIL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDLIB_PROGRESS": "0"}
+    done = subprocess.run([sys.executable, "-m", "ddlib", "notebooks", "run", "01", "02", "--notebooks-dir",
+                           str(folder), "--profile", "smoke", "--out", str(out), "--results", str(table),
+                           "--backend", "ray", "--address", c.address], env=env, text=True, capture_output=True,
+                          timeout=600)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # one notebook failed on purpose
+    statuses = {s["notebook"].split("/")[-1]: s["status"]
+                for s in map(json.loads, (p.read_text() for p in out.glob("*.status.json")))}
+    assert statuses == {"01_good.ipynb": "ok", "02_bad.ipynb": "failed"}
+    toy = [r for r in map(json.loads, table.read_text().splitlines()) if r["metrics"].get("method") == "toy"]
+    assert len(toy) == 1 and toy[0]["source"] == "notebook:01_good-smoke"  # the kernel's row, written once
