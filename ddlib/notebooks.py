@@ -306,15 +306,35 @@ def run_all(runs: Sequence[Run], cfg: RunnerConfig, log: Callable[[str], None] =
 
     pool = ThreadPoolExecutor(max_workers=jobs)
     futures = [pool.submit(one, run) for run in runs]
+    previous = _interrupt_on_sigterm()
     try:
         return [f.result() for f in futures]
     except KeyboardInterrupt:
+        # papermill runs in its own session (a Ctrl-C in the terminal would not reach it), so stop it here;
+        # each run's thread then writes its status as interrupted
         pool.shutdown(wait=False, cancel_futures=True)
         for proc in list(live):
+            proc.interrupted = True
             _kill(proc)
         raise
     finally:
         pool.shutdown(wait=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt_on_sigterm():
+    """Make SIGTERM (a scheduler's or ``kill``'s stop) act like Ctrl-C, so the runner stops its notebooks
+    instead of leaving them running orphaned; returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        exc = KeyboardInterrupt(f"signal {signum}")
+        exc.signum = signum  # the CLI exits with 128 + signum
+        raise exc
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _cores() -> int:
@@ -472,6 +492,11 @@ def _execute(run: Run, cfg: RunnerConfig, paths: dict[str, Path], threads: int, 
             live.discard(proc)
     seconds = round(time.monotonic() - start, 2)
     result = {"seconds": seconds, "returncode": code, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if getattr(proc, "interrupted", False):
+        if paths["tmp"].exists():
+            os.replace(paths["tmp"], paths["failed"])
+        return {**result, "status": "interrupted", "error": "the runner was stopped (Ctrl-C or SIGTERM); run "
+                "the same command again to redo it", "failed_notebook": str(paths["failed"])}
     if code == 0 and paths["tmp"].exists():
         _finish(paths["tmp"], run)
         os.replace(paths["tmp"], paths["output"])

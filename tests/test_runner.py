@@ -214,3 +214,47 @@ def test_timeout_kills_the_run_and_reports_it(tmp_path):
     [status] = nbr.run_all(nbr.plan([nb], cfg), cfg)
     assert status["status"] == "failed" and "timed out after 20" in status["error"]
     assert status["seconds"] < 120 and not (tmp_path / "out" / "01_slow-smoke.ipynb").exists()
+
+
+SLEEP = """
+import os, time
+from pathlib import Path
+Path(results_dir).mkdir(parents=True, exist_ok=True)
+(Path(results_dir).parent / "kernel.pid").write_text(str(os.getpid()))
+time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    psutil = pytest.importorskip("psutil")
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_sigterm_stops_the_notebooks_and_marks_them_interrupted(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    make_notebook(tmp_path / "nbs" / "01_sleep.ipynb", SLEEP)
+    out = tmp_path / "out"
+    runner = subprocess.Popen([sys.executable, "-m", "ddlib", "notebooks", "run", "01", "--notebooks-dir",
+                               str(tmp_path / "nbs"), "--profile", "smoke", "--out", str(out), "--results", "off"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "kernel.pid").exists():
+        assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()[0][-2000:]
+        time.sleep(0.2)
+    kernel = int((out / "kernel.pid").read_text())
+    runner.send_signal(signal.SIGTERM)  # a scheduler stopping the job
+    output = runner.communicate(timeout=60)[0]
+    assert runner.returncode == 128 + signal.SIGTERM, output
+    status = json.loads((out / "01_sleep-smoke.status.json").read_text())
+    assert status["status"] == "interrupted", status
+    deadline = time.monotonic() + 10
+    while _alive(kernel) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(kernel), "the notebook's kernel outlived the runner"
