@@ -69,7 +69,11 @@ class SyntheticSet:
 
     @property
     def images_per_class(self) -> int:
-        """Images of the smallest class (all classes are equal for distilled sets)."""
+        """The IPC the set was distilled with (its config), else the images of its smallest class. Learned
+        soft labels can move an image's argmax to another class, so counting would under-report those."""
+        ipc = (self.meta.get("config") or {}).get("ipc")
+        if ipc is not None and int(ipc) * self.num_classes == len(self):
+            return int(ipc)
         counts = torch.bincount(self.hard_labels.cpu(), minlength=self.num_classes)
         return int(counts.min().item())
 

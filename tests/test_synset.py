@@ -31,7 +31,17 @@ def test_round_trip(tmp_path, soft):
     assert torch.equal(s.images, t.images) and torch.equal(s.labels, t.labels) and torch.equal(s.lr, t.lr)
     assert t.meta["history"]["loss"] == [3.0, 2.0]
     assert t.soft_labels is soft
-    assert t.images_per_class == (2 if not soft else t.images_per_class)
+    if not soft:
+        assert t.images_per_class == 2
+
+
+def test_images_per_class_is_the_distilled_ipc_when_soft_labels_moved_an_argmax():
+    s = _synset(soft=True)
+    s.labels = torch.nn.functional.one_hot(class_labels(3, 2), 3).float()
+    s.labels[0] = torch.tensor([0.1, 0.8, 0.1])  # learning moved image 0 (class 0) towards class 1
+    assert s.images_per_class == 1  # counted by argmax: class 0 keeps one image
+    s.meta["config"] = {"ipc": 2}
+    assert s.images_per_class == 2
 
 
 def test_denormalised_is_pixel_scale():
