@@ -454,14 +454,15 @@ def _command(run: Run, cfg: RunnerConfig, paths: dict[str, Path]) -> list[str]:
 
 
 def child_env(run: Run, cfg: RunnerConfig, threads: int) -> dict[str, str]:
-    """The kernel's environment: thread counts, no progress bars, Agg, the runs table, the run's name."""
+    """The kernel's environment: thread counts, no progress bars, the runs table, the run's name."""
     from ddlib.results import results_path
 
     env = dict(os.environ)
     env.pop("DDLIB_SMOKE", None)  # the smoke parameter decides, not a stray variable
+    env.pop("MPLBACKEND", None)  # the kernel's inline backend embeds the figures in the executed notebook
     table = results_path(cfg.results)
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "DDLIB_PROGRESS": "0",
-                "MPLBACKEND": "Agg", "DDLIB_RESULTS": str(table.resolve()) if table else "off",
+                "DDLIB_RESULTS": str(table.resolve()) if table else "off",
                 "DDLIB_RUN_NAME": f"notebook:{run.name}", "PYTHONUNBUFFERED": "1"})
     if run.params.get("smoke"):
         env["DDLIB_SMOKE"] = "1"

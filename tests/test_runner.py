@@ -258,3 +258,13 @@ def test_sigterm_stops_the_notebooks_and_marks_them_interrupted(tmp_path):
     while _alive(kernel) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(kernel), "the notebook's kernel outlived the runner"
+
+
+def test_executed_notebooks_embed_their_figures(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # as in a test session or a headless shell: not passed to the kernel
+    make_notebook(tmp_path / "nbs" / "01_plot.ipynb", "import matplotlib.pyplot as plt\nplt.plot([0, 1])\nplt.show()")
+    cfg = nbr.RunnerConfig(out=tmp_path / "out", profile="smoke", results=None)
+    [status] = nbr.run_all(nbr.plan([tmp_path / "nbs" / "01_plot.ipynb"], cfg), cfg)
+    assert status["status"] == "ok", status
+    executed = nbformat.read(status["output"], as_version=4)
+    assert any("image/png" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))
