@@ -9,7 +9,8 @@ The table lives at ``--results PATH``, else ``$DDLIB_RESULTS``, else ``<repo>/re
 nearest folder above the working directory holding ``pyproject.toml`` or ``.git``). ``DDLIB_RESULTS=off``
 turns recording off; under pytest recording is off unless ``DDLIB_RESULTS`` is set, so the test suite never
 writes into the repository's table. Notebooks call ``record_evaluation(result, params, method=..., ...)``
-(or ``record(metrics, params)``) for each set they evaluate, outside their smoke branch.
+(or ``record(metrics, params)``) for each set they evaluate; smoke runs pass ``params["smoke"]`` and stay off the
+leaderboard.
 """
 from __future__ import annotations
 
