@@ -294,7 +294,7 @@ def run_all(runs: Sequence[Run], cfg: RunnerConfig, log: Callable[[str], None] =
     smoke_env = _smoke_env(runs, log)
     gpu = _gpu_available() if cfg.gpu_available is None else cfg.gpu_available
     lock = threading.Lock()
-    live: set[subprocess.Popen] = set()  # running papermill processes, killed on Ctrl-C
+    live = _Live()
 
     def one(run: Run) -> dict[str, Any]:
         if run.profile == "smoke" and run.params.get("data_root") is None:
@@ -313,14 +313,29 @@ def run_all(runs: Sequence[Run], cfg: RunnerConfig, log: Callable[[str], None] =
         # papermill runs in its own session (a Ctrl-C in the terminal would not reach it), so stop it here;
         # each run's thread then writes its status as interrupted
         pool.shutdown(wait=False, cancel_futures=True)
-        for proc in list(live):
-            proc.interrupted = True
-            _kill(proc)
+        live.stop()
         raise
     finally:
         pool.shutdown(wait=True)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class _Live:
+    """The running papermill processes and whether the runner is stopping (Ctrl-C or SIGTERM)."""
+    procs: set = field(default_factory=set)  # subprocess.Popen of each running notebook
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def start(self, proc: subprocess.Popen) -> None:
+        self.procs.add(proc)
+        if self.stopping.is_set():  # started just as the runner was stopped
+            _kill(proc)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for proc in list(self.procs):
+            _kill(proc)
 
 
 def _interrupt_on_sigterm():
@@ -422,7 +437,7 @@ def _up_to_date(run: Run, paths: dict[str, Path]) -> bool:
     return old.get("status") == "ok" and old.get("fingerprint") == fingerprint(run)
 
 
-def _run_one(run: Run, cfg: RunnerConfig, threads: int, gpu: bool, live: set) -> dict[str, Any]:
+def _run_one(run: Run, cfg: RunnerConfig, threads: int, gpu: bool, live: _Live) -> dict[str, Any]:
     from ddlib.io import save_json
 
     paths = _paths(run, cfg)
@@ -470,7 +485,7 @@ def child_env(run: Run, cfg: RunnerConfig, threads: int) -> dict[str, str]:
     return env
 
 
-def _execute(run: Run, cfg: RunnerConfig, paths: dict[str, Path], threads: int, live: set) -> dict[str, Any]:
+def _execute(run: Run, cfg: RunnerConfig, paths: dict[str, Path], threads: int, live: _Live) -> dict[str, Any]:
     from ddlib.io import atomic_write
 
     paths["tmp"].parent.mkdir(parents=True, exist_ok=True)
@@ -482,7 +497,7 @@ def _execute(run: Run, cfg: RunnerConfig, paths: dict[str, Path], threads: int, 
         log.flush()
         proc = subprocess.Popen(_command(run, cfg, paths), stdout=log, stderr=subprocess.STDOUT,
                                 env=child_env(run, cfg, threads), start_new_session=True)
-        live.add(proc)
+        live.start(proc)
         try:
             code = proc.wait(timeout=cfg.timeout)
         except subprocess.TimeoutExpired:
@@ -490,23 +505,23 @@ def _execute(run: Run, cfg: RunnerConfig, paths: dict[str, Path], threads: int, 
             proc.wait()
             code = -1
         finally:
-            live.discard(proc)
+            live.procs.discard(proc)
     seconds = round(time.monotonic() - start, 2)
     result = {"seconds": seconds, "returncode": code, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if getattr(proc, "interrupted", False):
-        if paths["tmp"].exists():
-            os.replace(paths["tmp"], paths["failed"])
-        return {**result, "status": "interrupted", "error": "the runner was stopped (Ctrl-C or SIGTERM); run "
-                "the same command again to redo it", "failed_notebook": str(paths["failed"])}
-    if code == 0 and paths["tmp"].exists():
+    if live.stopping.is_set():
+        status = "interrupted"
+        error = "the runner was stopped (Ctrl-C or SIGTERM); run the same command again to redo it"
+    elif code == 0 and paths["tmp"].exists():
         _finish(paths["tmp"], run)
         os.replace(paths["tmp"], paths["output"])
         paths["failed"].unlink(missing_ok=True)
         return {**result, "status": "ok"}
-    error = f"timed out after {cfg.timeout} s" if code == -1 else _error_of(paths)
-    if paths["tmp"].exists():
+    else:
+        status = "failed"
+        error = f"timed out after {cfg.timeout} s" if code == -1 else _error_of(paths)
+    if paths["tmp"].exists():  # keep the partial notebook for inspection, never as the output
         os.replace(paths["tmp"], paths["failed"])
-    return {**result, "status": "failed", "error": error, "failed_notebook": str(paths["failed"])}
+    return {**result, "status": status, "error": error, "failed_notebook": str(paths["failed"])}
 
 
 def _finish(path: Path, run: Run) -> None:

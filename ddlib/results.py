@@ -212,16 +212,21 @@ def evaluation_metrics(result, *, method: str, dataset: str, ipc: int | None, se
     """A CLI-shaped metrics dict (the ``metrics.json`` schema) from an ``EvalResult`` (or its ``summary()``) of
     a synthetic set and, optionally, that of its random-subset baseline; ``extra`` adds fields
     (distill_seconds, ...)."""
-    summary = dict(result if isinstance(result, dict) else result.summary())
+    summary = _summary(result)
     protocol = summary.pop("protocol", None) or {}
     metrics = {"method": method, "dataset": dataset, "ipc": ipc, "seed": seed, **summary,
                "protocol": protocol.get("name"), "eval_epochs": protocol.get("epochs")}
     if random is not None:
-        base = random if isinstance(random, dict) else random.summary()
+        base = _summary(random)
         metrics.update(random_accuracy_mean=base["accuracy_mean"], random_accuracy_std=base["accuracy_std"],
                        random_accuracies=list(base["accuracies"]))
     metrics.update(extra)
     return metrics
+
+
+def _summary(result) -> dict[str, Any]:
+    """An ``EvalResult``'s ``summary()``, or a copy of a summary already given as a dict."""
+    return dict(result if isinstance(result, dict) else result.summary())
 
 
 def record_evaluation(result, params: dict[str, Any] | None = None, *, method: str, dataset: str,
