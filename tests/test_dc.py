@@ -94,7 +94,21 @@ def test_hessian_vector_products_match_finite_differences():
         estimate = (plus[name] - minus[name]) / (2 * eps)
         # conv biases before a norm have zero gradient: their estimate is pure rounding noise (~1e-10)
         assert (hvp[name] - estimate).norm() <= 1e-4 * estimate.norm() + 1e-8, name
-    assert torch.allclose(class_hvps(net, x, y, v, batched=False)["classifier.weight"], hvp["classifier.weight"])
+    looped = class_hvps(net, x, y, v, batched=False, chunk=3)  # double backward, in chunks of 3 images
+    for name in hvp:
+        assert torch.allclose(looped[name], hvp[name], rtol=1e-7, atol=1e-10), name
+
+
+def test_looped_and_batched_hvps_give_the_same_image_gradients():
+    net = get_network("convnet", 1, 3, 8, seed=0, act="sigmoid", depth=2).double()
+    x, y = _batch(3, 4, 8, dtype=torch.float64)
+    v = rademacher_like({k: p.detach() for k, p in net.named_parameters()}, generator(4))
+    image_grads = []
+    for batched in (True, False):
+        xs = x.clone().requires_grad_(True)
+        h = class_hvps(net, xs, y, v, batched=batched)
+        image_grads.append(torch.autograd.grad(sum((t * t).sum() for t in h.values()), xs)[0])
+    assert torch.allclose(*image_grads, rtol=1e-6, atol=1e-12)
 
 
 def test_synthetic_gradients_are_differentiable_wrt_the_images():
