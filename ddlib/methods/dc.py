@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,8 +131,16 @@ def class_gradients(net: nn.Module, x: Tensor, y: Tensor, *, batched: bool = Tru
 
 
 def _looped_gradients(net: nn.Module, x: Tensor, y: Tensor, chunk: int) -> dict[str, Tensor]:
-    """``class_gradients`` by plain autograd, one class (and ``chunk`` images) at a time; keeps the graph
-    to x when x requires grad."""
+    """``class_gradients`` by plain autograd, one class (and ``chunk`` images) at a time."""
+    return _looped_per_class(net, x, y, chunk,
+                             lambda loss, params, keep: torch.autograd.grad(loss, params, create_graph=keep))
+
+
+def _looped_per_class(net: nn.Module, x: Tensor, y: Tensor, chunk: int,
+                      derivative: Callable[[Tensor, list, bool], Sequence[Tensor]]) -> dict[str, Tensor]:
+    """``derivative(loss, params, keep_graph)`` (one tensor per parameter, linear in the loss) of each
+    class's mean cross-entropy, x [K, n, ...] -> {name: [K, *param.shape]}, summed over slices of at most
+    ``chunk`` images; keeps the graph to x when x requires grad."""
     names = [name for name, _ in net.named_parameters()]
     params = [p.requires_grad_() for p in net.parameters()]
     n, create_graph = x.shape[1], x.requires_grad
@@ -142,10 +150,10 @@ def _looped_gradients(net: nn.Module, x: Tensor, y: Tensor, chunk: int) -> dict[
             total = None
             for xs, ys in zip(xc.split(chunk or n), yc.split(chunk or n)):
                 loss = F.cross_entropy(net(xs), ys, reduction="sum") / n
-                g = torch.autograd.grad(loss, params, create_graph=create_graph)
-                total = list(g) if total is None else [a + b for a, b in zip(total, g)]
+                d = derivative(loss, params, create_graph)
+                total = list(d) if total is None else [a + b for a, b in zip(total, d)]
             per_class.append(total if create_graph else [t.detach() for t in total])
-    return {name: torch.stack([g[i] for g in per_class]) for i, name in enumerate(names)}
+    return {name: torch.stack([d[i] for d in per_class]) for i, name in enumerate(names)}
 
 
 def class_hvps(net: nn.Module, x: Tensor, y: Tensor, directions: dict[str, Tensor], *,
@@ -171,22 +179,13 @@ def class_hvps(net: nn.Module, x: Tensor, y: Tensor, directions: dict[str, Tenso
 def _looped_hvps(net: nn.Module, x: Tensor, y: Tensor, directions: dict[str, Tensor],
                  chunk: int) -> dict[str, Tensor]:
     """``class_hvps`` by double backpropagation, one class (and ``chunk`` images) at a time."""
-    names = [name for name, _ in net.named_parameters()]
-    params = [p.requires_grad_() for p in net.parameters()]
-    v = [directions[name] for name in names]
-    n, create_graph = x.shape[1], x.requires_grad
-    per_class = []
-    with torch.enable_grad():
-        for xc, yc in zip(x, y):
-            total = None
-            for xs, ys in zip(xc.split(chunk or n), yc.split(chunk or n)):
-                loss = F.cross_entropy(net(xs), ys, reduction="sum") / n
-                g = torch.autograd.grad(loss, params, create_graph=True)
-                gv = sum((gi * vi).sum() for gi, vi in zip(g, v))
-                h = torch.autograd.grad(gv, params, create_graph=create_graph)
-                total = list(h) if total is None else [a + b for a, b in zip(total, h)]
-            per_class.append(total if create_graph else [t.detach() for t in total])
-    return {name: torch.stack([h[i] for h in per_class]) for i, name in enumerate(names)}
+    v = [directions[name] for name, _ in net.named_parameters()]
+
+    def hvp(loss: Tensor, params: list, keep: bool) -> Sequence[Tensor]:
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        return torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), params, create_graph=keep)
+
+    return _looped_per_class(net, x, y, chunk, hvp)
 
 
 # ---------------------------------------------------------------------------------------- distances
