@@ -195,7 +195,7 @@ def _notebook_task(run, cfg, threads: int, gpu: bool) -> dict[str, Any]:
 
     if run.profile == "smoke" and run.params.get("data_root") is None:
         run.env.update(nbr._smoke_env([run], print))  # the fixtures of the machine the task runs on
-    return nbr._run_one(run, cfg, threads, gpu, set())
+    return nbr._run_one(run, cfg, threads, gpu, nbr._Live())
 
 
 def run_notebooks_ray(runs: Sequence[Any], cfg: Any, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
