@@ -332,6 +332,9 @@ class _Live:
         if self.stopping.is_set():  # started just as the runner was stopped
             _kill(proc)
 
+    def finish(self, proc: subprocess.Popen) -> None:
+        self.procs.discard(proc)
+
     def stop(self) -> None:
         self.stopping.set()
         for proc in list(self.procs):
@@ -505,7 +508,7 @@ def _execute(run: Run, cfg: RunnerConfig, paths: dict[str, Path], threads: int, 
             proc.wait()
             code = -1
         finally:
-            live.procs.discard(proc)
+            live.finish(proc)
     seconds = round(time.monotonic() - start, 2)
     result = {"seconds": seconds, "returncode": code, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if live.stopping.is_set():
