@@ -36,3 +36,27 @@ def test_trajectory_entry_trains_experts_and_reports_budget_accuracy(tmp_path):
     assert row["settings"]["syn_steps"] == 10 and row["settings"]["batch_syn"] == 50
     assert list(cache.iterdir()) and row["settings"]["experts"].startswith(str(cache))
     assert row["budget_iterations"] == 1 and 0.0 <= row["budget_accuracy"] <= 1.0
+
+
+def test_dc_reference_distance_is_ddlibs_layerwise_distance():
+    """The re-stated official match_loss and ddlib's layer-wise distance agree, so the timing compares the same work."""
+    import torch
+
+    from bench.dc_reference import layerwise_distance
+    from ddlib.methods.dc import gradient_distance
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 1, 3, 3), (8,), (10, 32)]
+    syn = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    real = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    ours = gradient_distance({str(i): t[None] for i, t in enumerate(syn)},
+                             {str(i): t[None] for i, t in enumerate(real)}, "layerwise")
+    assert torch.allclose(layerwise_distance(syn, real), ours)
+
+
+def test_dc_reference_writes_its_json(tmp_path):  # fixture MNIST from DDLIB_DATA (conftest)
+    from bench.dc_reference import main as reference_main
+
+    assert reference_main(["--ipc", "1", "--batch-real", "8", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "dc-reference-ipc1-cpu.json").read_text())
+    assert len(report["seconds_per_outer_step"]["ddlib"]) == 1 and report["ratio_ddlib_to_reference"] > 0
