@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-img", type=float, default=None, help="learning rate of the synthetic images")
     p.add_argument("--no-dsa", action="store_true", help="turn off siamese augmentation in the matching")
     p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (autocast of the network passes)")
+    p.add_argument("--compile", action="store_true",
+                   help="dm/datadam: torch.compile the network passes (pays off over long runs; see bench/README)")
     p.add_argument("--power", type=float, default=None, help="datadam: attention power p (paper 4, released code 1)")
     p.add_argument("--mmd-weight", type=float, default=None, help="datadam: lambda, the weight of the embedding MMD")
     p.add_argument("--norm", default=None, help="datadam: the matching network's norm (instance | batch | ...)")
@@ -464,6 +466,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     overrides.update(_parse_sets(args.set))  # --set power=1 must not collide with the None of --power
     if args.no_dsa:
         overrides["dsa"] = False
+    if args.compile:
+        overrides["compile"] = True
     for key, value in QUICK_DEFAULTS.get(real.name, {}).items():
         flag = "--" + key.replace("_", "-")
         if key == "eval_epochs" and args.eval_epochs is None:

@@ -32,7 +32,7 @@ from ddlib import rng
 
 __all__ = [
     "MLP", "VGG", "AlexNet", "BasicBlock", "ConvBlock", "ConvNet", "DDNet", "LeNet", "Pool2d", "ResNet",
-    "get_network", "has_batchnorm", "init_parameters_", "list_models", "make_norm", "register_model",
+    "compile_network", "get_network", "has_batchnorm", "init_parameters_", "list_models", "make_norm", "register_model",
 ]
 
 Shape = tuple[int, int, int]  # [C, H, W] of one sample
@@ -178,6 +178,18 @@ def _fit_padding(size: int, kernel: int, padding: int) -> int:
 def has_batchnorm(net: nn.Module) -> bool:
     """Whether ``net`` normalises with batch statistics (its outputs then depend on the whole batch)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def compile_network(net: DDNet, **options) -> DDNet:
+    """Compile ``net``'s ``embed`` and ``block_outputs`` (and so ``forward``) with ``torch.compile``, in place.
+
+    Meant for a network that is re-initialised in place (DM, DataDAM): the compiled code is then reused every
+    iteration, and only a new input shape (a smaller last chunk) or grad mode compiles again. ``options`` go to
+    ``torch.compile``. Double backward through the compiled code is not supported.
+    """
+    net.embed = torch.compile(net.embed, **options)
+    net.block_outputs = torch.compile(net.block_outputs, **options)
+    return net
 
 
 class DDNet(nn.Module):

@@ -22,6 +22,7 @@ from ddlib.io import atomic_write
 from ddlib.synset import SyntheticSet
 
 __all__ = [
+    "accuracy_bars",
     "curves",
     "denormalise",
     "evolution_strip",
@@ -175,6 +176,36 @@ def results_heatmap(df: Any, index: str, columns: str, values: str = "accuracy_m
     text = _mean_std_text(means.to_numpy(dtype=float), spread, fmt)
     fig, ax = _figure_and_axes(ax, figsize=(1.6 * means.shape[1] + 2, 0.6 * means.shape[0] + 1.5))
     sns.heatmap(means, annot=text, fmt="", cmap="viridis", ax=ax, cbar_kws={"label": f"{values} (%)"})
+    return fig
+
+
+def accuracy_bars(table: Any, title: str = "", *, value: str = "accuracy", std: str | None = "± std",
+                  line: float | None = None, line_label: str | None = None, majority_rate: float | None = None,
+                  ax: Axes | None = None) -> Figure:
+    """Bar per row of ``table`` (a DataFrame, accuracies in percent) with ± std error bars.
+
+    The y-axis is zoomed to the bars' range (from a little below the lowest ``mean - std``, or the reference
+    lines, to 100 at most), because methods a point apart look identical on a 0-100 axis. ``line`` draws a dashed
+    reference (full data, say); ``majority_rate`` (percent) the majority-class line of a binary task.
+    """
+    means = table[value].astype(float).to_numpy()
+    errs = table[std].astype(float).fillna(0).to_numpy() if std and std in table else np.zeros_like(means)
+    fig, ax = _figure_and_axes(ax, figsize=(1.1 * len(means) + 2.5, 3.2))
+    positions = np.arange(len(means))
+    ax.bar(positions, means, yerr=errs, capsize=3, color="tab:blue")
+    ax.set_xticks(positions, [str(i) for i in table.index], rotation=30, ha="right")
+    ax.set_ylabel(f"test {value} (%)")
+    ax.set_title(title)
+    refs = [r for r in (line, majority_rate) if r is not None]
+    low = min([*(means - errs), *refs])
+    high = max([*(means + errs), *refs])
+    margin = max(0.15 * (high - low), 0.5)
+    ax.set_ylim(max(0.0, low - margin), min(100.0, high + margin) if high <= 100 else high + margin)
+    if line is not None:
+        ax.axhline(line, color="k", ls="--", lw=1, label=line_label)
+        ax.legend(loc="lower right")
+    if majority_rate is not None:
+        majority_line(ax, majority_rate)
     return fig
 
 

@@ -73,3 +73,19 @@ def test_dm_beats_random_real_images(digits):
     dm = evaluate_synset(synset, digits, protocol=protocol, num_eval=3, seed=0)
     rnd = evaluate_synset(select_random(digits, 1, seed=0), digits, protocol=protocol, num_eval=3, seed=0)
     assert dm.accuracy_mean > rnd.accuracy_mean + 0.05, (dm, rnd)
+
+
+def test_compiled_network_gives_the_eager_result(digits):
+    # chunk covers the batch: one shape per pass, so two small graphs compile (real and synthetic passes)
+    kw = dict(ipc=2, iterations=2, batch_real=8, chunk=1000, model="mlp", seed=3, device="cpu", show_progress=False,
+              log_every=1)
+    eager = distill("dm", digits, **kw)
+    compiled = distill("dm", digits, compile=True, **kw)
+    assert compiled.meta["config"]["compile"] is True
+    torch.testing.assert_close(compiled.images, eager.images, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dc", "mtt"])
+def test_methods_with_double_backward_refuse_compile(digits, method):
+    with pytest.raises(ValueError, match="double backward"):
+        distill(method, digits, ipc=1, iterations=1, compile=True, device="cpu", show_progress=False)

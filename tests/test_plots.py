@@ -111,6 +111,17 @@ def test_results_heatmap_annotates_mean_and_std_in_percent(tmp_path):
     assert _is_png(plots.save_figure(fig, tmp_path / "table.png"))
 
 
+def test_accuracy_bars_zoom_to_the_bars_and_reference_lines(tmp_path):
+    table = pd.DataFrame({"accuracy": [95.4, 95.3, 92.3], "± std": [0.2, 0.2, 0.4]}, index=["mtt", "datm", "random"])
+    low, high = plots.accuracy_bars(table, "close methods").axes[0].get_ylim()
+    assert 85 < low < 91.9 and 95.6 < high <= 100  # a 0-100 axis would hide a 1-point gap
+    fig = plots.accuracy_bars(table.assign(accuracy=[70.0, 66.0, 64.0]), majority_rate=63.15, line=76.9)
+    low, high = fig.axes[0].get_ylim()
+    assert low < 63.15 and high > 76.9
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["mtt", "datm", "random"]
+    assert _is_png(plots.save_figure(fig, tmp_path / "bars.png"))
+
+
 def test_save_figure_refuses_other_formats(tmp_path):
     fig, _ = plt.subplots()
     with pytest.raises(ValueError, match="PNG"):

@@ -49,6 +49,8 @@ class DistillConfig:
     snapshot_every: int = 0          # iterations between saved copies of the images (0: none)
     chunk: int = 0                   # images per network pass (0: ~32 on a CPU, where cache-sized passes run
                                      # 2x faster; everything at once on a GPU). Results do not depend on it.
+    compile: bool = False            # torch.compile the matching network's passes (dm, datadam only; the
+                                     # others need double backward); compiling takes ~0.5-2 min once
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,8 +122,14 @@ class Distiller:
     # Under torchrun, the classes are split across the ranks (the loss is a sum over classes computed through
     # ``owned``/``class_chunks``); other methods run whole on every rank.
     shardable: ClassVar[bool] = False
+    # Whether ``cfg.compile`` is supported: only methods whose network passes need no double backward.
+    compilable: ClassVar[bool] = False
 
     def __init__(self, real: RealSet, cfg: DistillConfig, *, seed: int = 0, device: str | torch.device = "cpu"):
+        if cfg.compile and not self.compilable:
+            raise ValueError(f"{self.name} cannot be compiled: it backpropagates through gradients (double "
+                             "backward), which torch.compile does not support; drop --compile (dm and datadam "
+                             "accept it)")
         self.cfg, self.seed = cfg, seed
         self.device = torch.device(device)
         self.real = real.to(self.device)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ddlib.methods.base import DistillConfig, Distiller
 from ddlib.methods.registry import register_method
-from ddlib.models import get_network, has_batchnorm, init_parameters_
+from ddlib.models import compile_network, get_network, has_batchnorm, init_parameters_
 
 __all__ = ["DataDAMConfig", "DataDAM", "attention_map", "class_means", "sam_loss", "mmd_loss"]
 
@@ -147,6 +147,7 @@ class DataDAM(Distiller):
     name = "datadam"
     Config = DataDAMConfig
     shardable = True
+    compilable = True
     PRESETS: ClassVar[dict[str, dict]] = {
         # Table 1 of the course for MNIST (K = 100 networks, eta_S = 0.1, minibatch 256, 10 images/class).
         # MHIST: K = 200 and minibatch 128, i.e. --iterations 200 --batch-real 128 --ipc 50.
@@ -162,6 +163,8 @@ class DataDAM(Distiller):
         real = self.real
         # One module, re-initialised every iteration: the same draws as a fresh network, without rebuilding it.
         self.net = _build_network(self.cfg, real.channels, real.num_classes, real.image_size, self.device)
+        if self.cfg.compile:
+            compile_network(self.net)
         self.net.requires_grad_(False)
         self.net.train()  # BatchNorm nets normalise with batch statistics, as the official code does
         if has_batchnorm(self.net):

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ddlib.methods.base import DistillConfig, Distiller
 from ddlib.methods.registry import register_method
-from ddlib.models import get_network, has_batchnorm, init_parameters_
+from ddlib.models import compile_network, get_network, has_batchnorm, init_parameters_
 
 __all__ = ["DMConfig", "DM"]
 
@@ -32,12 +32,15 @@ class DM(Distiller):
     name = "dm"
     Config = DMConfig
     shardable = True
+    compilable = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         real = self.real
         # One module, re-initialised every iteration: the same draws as a fresh network, without rebuilding it.
         self.net = get_network(self.cfg.model, real.channels, real.num_classes, real.image_size, device=self.device)
+        if self.cfg.compile:
+            compile_network(self.net)
         self.net.requires_grad_(False)
         self.net.train()  # BatchNorm nets normalise with batch statistics, as the official BN path does
         if has_batchnorm(self.net):
