@@ -32,7 +32,8 @@ from ddlib import rng
 
 __all__ = [
     "MLP", "VGG", "AlexNet", "BasicBlock", "ConvBlock", "ConvNet", "DDNet", "LeNet", "Pool2d", "ResNet",
-    "compile_network", "get_network", "has_batchnorm", "init_parameters_", "list_models", "make_norm", "register_model",
+    "compile_network", "get_network", "has_batchnorm", "init_parameters_", "list_models", "make_norm",
+    "register_model",
 ]
 
 Shape = tuple[int, int, int]  # [C, H, W] of one sample
