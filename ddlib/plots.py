@@ -200,7 +200,8 @@ def accuracy_bars(table: Any, title: str = "", *, value: str = "accuracy", std: 
     low = min([*(means - errs), *refs])
     high = max([*(means + errs), *refs])
     margin = max(0.15 * (high - low), 0.5)
-    ax.set_ylim(max(0.0, low - margin), min(100.0, high + margin) if high <= 100 else high + margin)
+    top = high + margin
+    ax.set_ylim(max(0.0, low - margin), top if high > 100 else min(100.0, top))
     if line is not None:
         ax.axhline(line, color="k", ls="--", lw=1, label=line_label)
         ax.legend(loc="lower right")
