@@ -46,6 +46,56 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="runs table to append to (default: $DDLIB_RESULTS, else results/runs.jsonl; 'off' skips)")
 
 
+def _add_distill_parser(sub: argparse._SubParsersAction) -> None:
+    """``ddlib distill``: the common flags first, then one argument group per family of methods."""
+    p = sub.add_parser("distill", help="learn a synthetic set")
+    p.add_argument("--method", default="dm",
+                   help="dm | datadam | dc | dsa | dd | mtt | datm | pad (all in `ddlib methods`)")
+    p.add_argument("--preset", default=None, help="a method's named settings (e.g. course, paper)")
+    p.add_argument("--ipc", type=int, default=None, help="synthetic images per class (default 10)")
+    p.add_argument("--iterations", type=int, default=None, help="outer iterations (method default)")
+    p.add_argument("--init", default=None, help="real | noise | uniform | white | black | grey")
+    p.add_argument("--batch-real", type=int, default=None, help="real images per class per iteration")
+    p.add_argument("--lr-img", type=float, default=None, help="learning rate of the synthetic images")
+    p.add_argument("--no-dsa", action="store_true", help="turn off siamese augmentation in the matching")
+    p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (autocast of the network passes)")
+    p.add_argument("--chunk", type=int, default=None, help="images per network pass (lowers memory; same result)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other method setting, e.g. --set log_every=5")
+    g = p.add_argument_group("dm / datadam")
+    g.add_argument("--compile", action="store_true",
+                   help="dm/datadam: torch.compile the network passes (pays off over long runs; see bench/README)")
+    g.add_argument("--power", type=float, default=None, help="datadam: attention power p (paper 4, released code 1)")
+    g.add_argument("--mmd-weight", type=float, default=None, help="datadam: lambda, the weight of the embedding MMD")
+    g.add_argument("--norm", default=None, help="datadam: the matching network's norm (instance | batch | ...)")
+    g = p.add_argument_group("dc / dsa / dd")
+    g.add_argument("--distance", default=None, help="dc/dsa: gradient distance, layerwise | mse | cos")
+    g.add_argument("--outer-loop", type=int, default=None, help="dc/dsa: outer steps per iteration (IPC table)")
+    g.add_argument("--inner-loop", type=int, default=None, help="dc/dsa: inner epochs per outer step (IPC table)")
+    g.add_argument("--lr-net", type=float, default=None, help="dc/dsa/dd: lr of the inner network training")
+    g.add_argument("--hessian-weight", type=float, default=None,
+                   help="dc/dsa: weight of the Hessian-vector-product distance (0 = plain DC)")
+    g.add_argument("--hessian-probes", type=int, default=None, help="dc/dsa: Rademacher directions per outer step")
+    g = p.add_argument_group("mtt / datm / pad")
+    g.add_argument("--experts", default=None, help="folder of expert trajectories (`ddlib experts`)")
+    g.add_argument("--syn-steps", type=int, default=None, help="student steps per iteration (N)")
+    g.add_argument("--expert-epochs", type=int, default=None, help="expert epochs matched (M)")
+    g.add_argument("--max-start-epoch", type=int, default=None, help="upper end of the start epoch")
+    g.add_argument("--batch-syn", type=int, default=None, help="synthetic images per student step")
+    _add_data_flags(p)
+    _add_eval_flags(p)
+    _add_run_flags(p)
+    p.add_argument("--no-eval", action="store_true", help="only write synset.pt")
+    p.add_argument("--no-random-baseline", action="store_true", help="skip the random-subset comparison")
+    g = p.add_argument_group("long runs")
+    g.add_argument("--checkpoint-every", type=int, default=100,
+                   help="iterations between checkpoints in --out (0: only on SIGINT/SIGTERM and at the end)")
+    g.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run whose checkpoint.pt is in DIR (its settings come from the checkpoint)")
+    g.add_argument("--force", action="store_true",
+                   help="take over --out although a lock or an unfinished checkpoint is there")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddlib", description="Dataset distillation: distil, select, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,49 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p)
     p.add_argument("--no-eval", action="store_true", help="only write synset.pt")
 
-    p = sub.add_parser("distill", help="learn a synthetic set")
-    p.add_argument("--method", default="dm",
-                   help="dm | datadam | dc | dsa | dd | mtt | datm | pad (all in `ddlib methods`)")
-    p.add_argument("--preset", default=None, help="a method's named settings (e.g. course, paper)")
-    p.add_argument("--ipc", type=int, default=None, help="synthetic images per class (default 10)")
-    p.add_argument("--iterations", type=int, default=None, help="outer iterations (method default)")
-    p.add_argument("--init", default=None, help="real | noise | uniform | white | black | grey")
-    p.add_argument("--batch-real", type=int, default=None, help="real images per class per iteration")
-    p.add_argument("--lr-img", type=float, default=None, help="learning rate of the synthetic images")
-    p.add_argument("--no-dsa", action="store_true", help="turn off siamese augmentation in the matching")
-    p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (autocast of the network passes)")
-    p.add_argument("--compile", action="store_true",
-                   help="dm/datadam: torch.compile the network passes (pays off over long runs; see bench/README)")
-    p.add_argument("--power", type=float, default=None, help="datadam: attention power p (paper 4, released code 1)")
-    p.add_argument("--mmd-weight", type=float, default=None, help="datadam: lambda, the weight of the embedding MMD")
-    p.add_argument("--norm", default=None, help="datadam: the matching network's norm (instance | batch | ...)")
-    p.add_argument("--distance", default=None, help="dc/dsa: gradient distance, layerwise | mse | cos")
-    p.add_argument("--outer-loop", type=int, default=None, help="dc/dsa: outer steps per iteration (IPC table)")
-    p.add_argument("--inner-loop", type=int, default=None, help="dc/dsa: inner epochs per outer step (IPC table)")
-    p.add_argument("--lr-net", type=float, default=None, help="dc/dsa/dd: lr of the inner network training")
-    p.add_argument("--hessian-weight", type=float, default=None,
-                   help="dc/dsa: weight of the Hessian-vector-product distance (0 = plain DC)")
-    p.add_argument("--hessian-probes", type=int, default=None, help="dc/dsa: Rademacher directions per outer step")
-    p.add_argument("--experts", default=None, help="mtt/datm/pad: folder of expert trajectories (`ddlib experts`)")
-    p.add_argument("--syn-steps", type=int, default=None, help="mtt/datm/pad: student steps per iteration (N)")
-    p.add_argument("--expert-epochs", type=int, default=None, help="mtt/datm/pad: expert epochs matched (M)")
-    p.add_argument("--max-start-epoch", type=int, default=None, help="mtt/datm/pad: upper end of the start epoch")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other method setting, e.g. --set log_every=5")
-    p.add_argument("--chunk", type=int, default=None, help="images per network pass (lowers memory; same result)")
-    p.add_argument("--batch-syn", type=int, default=None, help="mtt/datm/pad: synthetic images per student step")
-    _add_data_flags(p)
-    _add_eval_flags(p)
-    _add_run_flags(p)
-    p.add_argument("--no-eval", action="store_true", help="only write synset.pt")
-    p.add_argument("--no-random-baseline", action="store_true", help="skip the random-subset comparison")
-    g = p.add_argument_group("long runs")
-    g.add_argument("--checkpoint-every", type=int, default=100,
-                   help="iterations between checkpoints in --out (0: only on SIGINT/SIGTERM and at the end)")
-    g.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run whose checkpoint.pt is in DIR (its settings come from the checkpoint)")
-    g.add_argument("--force", action="store_true",
-                   help="take over --out although a lock or an unfinished checkpoint is there")
+    _add_distill_parser(sub)
 
     p = sub.add_parser("experts", help="train expert trajectories for mtt/datm/pad (resumable)")
     _add_data_flags(p)
