@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +138,7 @@ class Checkpointer:
             raise CheckpointError(f"{where} is from a {body.get('method')} run with seed {body.get('seed')}, not "
                                   f"{distiller.name} with seed {distiller.seed}; pass --method "
                                   f"{body.get('method')} --seed {body.get('seed')}")
-        saved, now = body.get("config", {}), distiller.cfg.to_dict()
+        saved, now = _with_new_defaults(body.get("config", {}), distiller.cfg), distiller.cfg.to_dict()
         changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
                    if k not in FREE_ON_RESUME and saved.get(k) != now.get(k)]
         if changed:
@@ -150,6 +150,14 @@ class Checkpointer:
         if body.get("fingerprint") != dataset_fingerprint(distiller.real):
             raise CheckpointError(f"{where} was made from other images of {distiller.real.name} (has the data "
                                   "root or its files changed?); point --data-root at the data it was made from")
+
+
+def _with_new_defaults(saved: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """``saved`` plus the default of every config field it lacks: a checkpoint written before a field was
+    added to the method's config ran with that field's default, so resuming it with the default is the
+    same run."""
+    missing = {f.name: f.default for f in fields(cfg) if f.name not in saved and f.default is not MISSING}
+    return {**saved, **missing}
 
 
 class StopSignals:

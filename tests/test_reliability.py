@@ -17,11 +17,19 @@ import pytest
 import torch
 from fixtures import make_mhist
 
-from ddlib.checkpoint import Checkpointer, CheckpointError, Interrupted, RunLock, RunLockedError
+from ddlib.checkpoint import (
+    FORMAT,
+    Checkpointer,
+    CheckpointError,
+    Interrupted,
+    RunLock,
+    RunLockedError,
+    checkpoint_path,
+)
 from ddlib.cli import main
 from ddlib.data import load_dataset
 from ddlib.evaluate import DatasetMismatchError, check_compatible
-from ddlib.io import DiskFullError, load_checked
+from ddlib.io import DiskFullError, load_checked, save_checked
 from ddlib.methods import DivergenceError, get_method, make_config
 from ddlib.methods.base import distill_with
 from ddlib.synset import SynsetFormatError, SyntheticSet
@@ -119,6 +127,21 @@ def test_resume_refuses_another_run(digits, experts, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         distill_with(distiller("dm", digits, experts), show_progress=False, checkpoint_dir=tmp_path / "no",
                      resume=True)
+
+
+def test_resume_of_a_checkpoint_older_than_a_config_field(digits, experts, tmp_path):
+    """A checkpoint written before a config field existed resumes when the run keeps that field's default."""
+    distill_with(distiller("dm", digits, experts, iterations=2), show_progress=False, checkpoint_dir=tmp_path)
+    path = checkpoint_path(tmp_path)
+    body = load_checked(path, FORMAT, CheckpointError, "")
+    del body["config"]["compile"]  # as written before `compile` was added
+    save_checked(body, path, FORMAT)
+    resumed = distill_with(distiller("dm", digits, experts, iterations=3), show_progress=False,
+                           checkpoint_dir=tmp_path, resume=True)
+    assert resumed.meta["iterations"] == 3
+    with pytest.raises(CheckpointError, match="compile"):
+        distill_with(distiller("dm", digits, experts, iterations=4, compile=True), show_progress=False,
+                     checkpoint_dir=tmp_path, resume=True)
 
 
 # ------------------------------------------------------------------------------- killed subprocesses
