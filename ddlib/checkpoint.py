@@ -27,7 +27,8 @@ from torch import Tensor
 from ddlib.io import load_checked, save_checked
 
 __all__ = ["CheckpointError", "Interrupted", "Checkpointer", "StopSignals", "RunLock", "RunLockedError",
-           "checkpoint_path", "dataset_fingerprint", "check_tensor", "CHECKPOINT_NAME", "FORMAT"]
+           "checkpoint_path", "dataset_fingerprint", "check_tensor", "with_new_defaults", "CHECKPOINT_NAME",
+           "FORMAT"]
 
 FORMAT = "ddlib.Checkpoint"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -138,7 +139,7 @@ class Checkpointer:
             raise CheckpointError(f"{where} is from a {body.get('method')} run with seed {body.get('seed')}, not "
                                   f"{distiller.name} with seed {distiller.seed}; pass --method "
                                   f"{body.get('method')} --seed {body.get('seed')}")
-        saved, now = _with_new_defaults(body.get("config", {}), distiller.cfg), distiller.cfg.to_dict()
+        saved, now = with_new_defaults(body.get("config", {}), distiller.cfg), distiller.cfg.to_dict()
         changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
                    if k not in FREE_ON_RESUME and saved.get(k) != now.get(k)]
         if changed:
@@ -152,11 +153,11 @@ class Checkpointer:
                                   "root or its files changed?); point --data-root at the data it was made from")
 
 
-def _with_new_defaults(saved: dict[str, Any], cfg: Any) -> dict[str, Any]:
-    """``saved`` plus the default of every config field it lacks: a checkpoint written before a field was
-    added to the method's config ran with that field's default, so resuming it with the default is the
-    same run."""
-    missing = {f.name: f.default for f in fields(cfg) if f.name not in saved and f.default is not MISSING}
+def with_new_defaults(saved: dict[str, Any], config: Any) -> dict[str, Any]:
+    """A checkpoint's ``saved`` config plus the default of every field of ``config`` (a config dataclass or
+    one of its instances) that it lacks: a checkpoint written before a field was added to the method's
+    config ran with that field's default, so resuming it with the default is the same run."""
+    missing = {f.name: f.default for f in fields(config) if f.name not in saved and f.default is not MISSING}
     return {**saved, **missing}
 
 

@@ -411,8 +411,9 @@ def _resume_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     """For ``--resume DIR``: the checkpoint's config, after setting args' method, seed, dataset, image size
     and --out from it (a flag given with another value is an error). None without --resume; with --out and
     no --resume, refuses to start over an unfinished checkpoint unless --force."""
-    from ddlib.checkpoint import CheckpointError, checkpoint_path
+    from ddlib.checkpoint import CheckpointError, checkpoint_path, with_new_defaults
     from ddlib.io import load_checked
+    from ddlib.methods import get_method
 
     hint = "delete it to start afresh, or resume from another copy"
     if args.resume is None:
@@ -438,7 +439,7 @@ def _resume_settings(args: argparse.Namespace) -> dict[str, Any] | None:
         setattr(args, flag, saved)
     print(f"resuming {args.resume}: {body['method']} on {body['dataset']['name']} "
           f"({body['dataset']['image_size']} px), seed {body['seed']}, iteration {body['loop']['iteration']}")
-    return body["config"]
+    return with_new_defaults(body["config"], get_method(body["method"]).Config)
 
 
 def _resumed_config(saved: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

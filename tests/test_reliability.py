@@ -144,6 +144,18 @@ def test_resume_of_a_checkpoint_older_than_a_config_field(digits, experts, tmp_p
                      checkpoint_dir=tmp_path, resume=True)
 
 
+def test_cli_resume_of_a_checkpoint_older_than_a_config_field(tmp_path, capsys):
+    """The command line reads an older checkpoint's config the same way: the missing field is its default."""
+    assert main([*CLI_RUN, "--iterations", "1", "--out", str(tmp_path)]) == 0
+    path = checkpoint_path(tmp_path)
+    body = load_checked(path, FORMAT, CheckpointError, "")
+    del body["config"]["compile"]
+    save_checked(body, path, FORMAT)
+    assert main([*CLI_RUN, "--resume", str(tmp_path), "--iterations", "2", "--set", "compile=false"]) == 0
+    assert main([*CLI_RUN, "--resume", str(tmp_path), "--iterations", "3", "--compile"]) == 2
+    assert "compile=True (checkpoint: False)" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------- killed subprocesses
 @pytest.fixture(scope="module")
 def cli_reference(tmp_path_factory):
