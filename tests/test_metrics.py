@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 
 import numpy as np
 import pytest
@@ -73,9 +74,13 @@ def test_training_flops_multiplies_out():
 
 # ---------------------------------------------------------------------------------------------- time and memory
 def test_peak_memory_on_cpu_is_positive_and_sees_an_allocation():
+    # A fresh anonymous mapping, not a tensor: the allocator may hand a tensor memory that an earlier test
+    # freed but left resident, and then the block truly grows nothing (seen once under xdist in CI).
+    size = 32_000_000
     with PeakMemory("cpu") as memory:
-        block = torch.ones(8_000_000)  # 32 MB, touched so it is resident
-    del block
+        block = mmap.mmap(-1, size)
+        block.write(b"\x01" * size)  # touched, so every page is resident
+    block.close()
     assert memory.peak_bytes > 0
     assert memory.source in ("cpu_peak_rss", "cpu_lifetime_peak_rss")
     if memory.source == "cpu_peak_rss":
