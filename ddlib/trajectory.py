@@ -25,6 +25,7 @@ from torch.func import functional_call
 
 from ddlib import distributed
 from ddlib.augment import DSA, default_strategy
+from ddlib.checkpoint import with_new_defaults
 from ddlib.data import RealSet
 from ddlib.io import checksum, load_json, load_tensors, save_json, save_tensors
 from ddlib.models import get_network, has_batchnorm
@@ -284,6 +285,18 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} there, {new!r} now"]
 
 
+def _read_index(path: Path) -> dict:
+    """An expert folder's index; a field added to ExpertConfig after it was written reads as its default
+    (the experts were trained with it), so a later ddlib still resumes and reads an older folder."""
+    index = load_json(path)
+    settings = index.get("settings")
+    if isinstance(settings, dict) and isinstance(settings.get("config"), dict):
+        config = with_new_defaults({"num_experts": None, **settings["config"]}, ExpertConfig)
+        config.pop("num_experts")  # not a setting of the folder: it may grow
+        index["settings"] = {**settings, "config": config}
+    return index
+
+
 def _open_index(out: Path, settings: dict) -> dict:
     """The folder's index, created when missing; refuses experts trained with other settings."""
     path = out / INDEX_FILE
@@ -292,7 +305,7 @@ def _open_index(out: Path, settings: dict) -> dict:
             raise ExpertFileError(f"{out} holds expert files but no {INDEX_FILE}; use an empty folder")
         return {"settings": settings, "num_experts": 0, "experts": {}}
     try:
-        index = load_json(path)
+        index = _read_index(path)
     except (OSError, json.JSONDecodeError) as exc:
         raise ExpertFileError(f"{path} is unreadable ({exc}); delete the folder or use another --out") from None
     diffs = _differences(index.get("settings"), settings)
@@ -494,7 +507,7 @@ def load_experts(directory: str | Path, *, limit: int | None = None) -> Experts:
     if not path.is_file():
         raise ExpertFileError(f"no expert trajectories in {directory} (no {INDEX_FILE}); train them with "
                               f"`python -m ddlib experts --out {directory} ...`")
-    index = load_json(path)
+    index = _read_index(path)
     keys = sorted(index.get("experts", {}), key=int)[:limit]
     if not keys:
         raise ExpertFileError(f"{directory} lists no finished experts; run `ddlib experts` to train some")

@@ -184,6 +184,19 @@ def test_mixing_settings_is_refused(digits, tmp_path):
         load_experts(tmp_path / "nothing")
 
 
+def test_a_folder_older_than_an_expert_setting_resumes_and_loads(digits, tmp_path):
+    out = train_experts(digits, ExpertConfig(num_experts=1, **TINY), tmp_path / "e", seed=0, show_progress=False)
+    index = json.loads((out / "index.json").read_text())
+    del index["settings"]["config"]["score_epochs"]  # as written before the field existed
+    (out / "index.json").write_text(json.dumps(index))
+    assert load_experts(out).config["score_epochs"] == ExpertConfig.score_epochs
+    train_experts(digits, ExpertConfig(num_experts=2, **TINY), out, seed=0, show_progress=False)
+    assert len(load_experts(out)) == 2
+    with pytest.raises(ExpertFileError, match="score_epochs: 2 there, 3 now"):
+        train_experts(digits, ExpertConfig(num_experts=3, score_epochs=3, **TINY), out, seed=0,
+                      show_progress=False)
+
+
 def test_gsam_and_curriculum_experts_train(digits, tmp_path):
     cfg = ExpertConfig(num_experts=1, optimizer="gsam", curriculum=True, add_end_epoch=1, rm_epoch_first=1,
                        rm_epoch_second=1, score_nets=1, score_epochs=1, **TINY)
