@@ -25,7 +25,6 @@ from torch.func import functional_call
 
 from ddlib import distributed
 from ddlib.augment import DSA, default_strategy
-from ddlib.checkpoint import with_new_defaults
 from ddlib.data import RealSet
 from ddlib.io import checksum, load_json, load_tensors, save_json, save_tensors
 from ddlib.models import get_network, has_batchnorm
@@ -269,11 +268,16 @@ def expert_file(i: int) -> str:
     return f"expert_{i:04d}.pt"
 
 
-def _settings(real: RealSet, cfg: ExpertConfig, seed: int, flat: FlatModel) -> dict[str, Any]:
-    """Everything that must agree between the experts of one folder (num_experts may grow)."""
+def _folder_config(cfg: ExpertConfig) -> dict[str, Any]:
+    """The expert settings a folder records: all but num_experts, which may grow."""
     config = asdict(cfg)
     config.pop("num_experts")
-    settings = {"format": FORMAT, "version": FORMAT_VERSION, "seed": seed, "config": config,
+    return config
+
+
+def _settings(real: RealSet, cfg: ExpertConfig, seed: int, flat: FlatModel) -> dict[str, Any]:
+    """Everything that must agree between the experts of one folder (num_experts may grow)."""
+    settings = {"format": FORMAT, "version": FORMAT_VERSION, "seed": seed, "config": _folder_config(cfg),
                 "dataset": real.meta(), "num_params": flat.num_params, "layers": flat.layers()}
     return json.loads(json.dumps(settings))  # tuples -> lists, as they come back from the file
 
@@ -291,9 +295,7 @@ def _read_index(path: Path) -> dict:
     index = load_json(path)
     settings = index.get("settings")
     if isinstance(settings, dict) and isinstance(settings.get("config"), dict):
-        config = with_new_defaults({"num_experts": None, **settings["config"]}, ExpertConfig)
-        config.pop("num_experts")  # not a setting of the folder: it may grow
-        index["settings"] = {**settings, "config": config}
+        index["settings"] = {**settings, "config": {**_folder_config(ExpertConfig()), **settings["config"]}}
     return index
 
 
