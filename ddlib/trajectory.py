@@ -5,6 +5,8 @@
   atomically, plus ``index.json`` with the settings and a sha256 of every file. A run resumes at the
   first missing expert; a corrupt file is an error, never skipped; a folder holds one kind of expert.
 * ``load_experts`` reads a folder back, verifying every file once.
+* ``ensure_experts`` trains what a folder lacks and loads it; ``experts_folder`` names the folder that
+  notebooks asking for the same experts share.
 * ``FlatModel`` runs a network from one flat parameter vector with ``torch.func.functional_call``.
 * ``parameter_distance`` is MTT's normalised matching loss; ``depth_keep`` and ``loss_keep`` are PAD's
   parameter filters.
@@ -14,7 +16,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +35,8 @@ from ddlib.utils import progress
 
 __all__ = ["ExpertConfig", "ExpertFileError", "Experts", "FlatModel", "GSAM", "train_experts", "load_experts",
            "parameter_distance", "depth_keep", "loss_keep", "el2n_scores", "difficulty_order",
-           "curriculum_indices", "curriculum_fractions", "expert_file", "INDEX_FILE"]
+           "curriculum_indices", "curriculum_fractions", "expert_file", "experts_folder", "ensure_experts",
+           "INDEX_FILE"]
 
 INDEX_FILE = "index.json"
 FORMAT = "ddlib.expert"
@@ -478,6 +481,7 @@ class Experts:
     directory: Path
     settings: dict
     trajectories: list[Tensor]
+    test_accuracies: list[float] = field(default_factory=list)  # final test accuracy of each (fractions)
 
     def __len__(self) -> int:
         return len(self.trajectories)
@@ -501,6 +505,13 @@ class Experts:
         """Expert i's last parameters [P] as float32."""
         return self.trajectories[i][-1].float()
 
+    def __str__(self) -> str:
+        cfg = self.config
+        kind = ("curriculum" if cfg.get("curriculum") else "plain") + f", {cfg.get('optimizer', 'sgd')}"
+        accs = [100 * a for a in self.test_accuracies]
+        return (f"{len(self)} experts ({kind}) in {self.directory}: {self.epochs} epochs, {self.num_params} "
+                f"parameters" + (f"; final test accuracy {min(accs):.2f} to {max(accs):.2f} %" if accs else ""))
+
 
 def load_experts(directory: str | Path, *, limit: int | None = None) -> Experts:
     """Read (and verify once) every expert listed in ``directory/index.json``; ``limit`` caps how many."""
@@ -520,4 +531,20 @@ def load_experts(directory: str | Path, *, limit: int | None = None) -> Experts:
         if not file.is_file():
             raise ExpertFileError(f"{file} is listed in {path} but missing; run `ddlib experts` again to retrain it")
         trajectories.append(_read_expert(file, entry["sha256"])[0])
-    return Experts(directory, index["settings"], trajectories)
+    accuracies = [index["experts"][k]["test_accuracy"] for k in keys if "test_accuracy" in index["experts"][k]]
+    return Experts(directory, index["settings"], trajectories, accuracies)
+
+
+def experts_folder(root: str | Path, dataset: str, image_size: int, cfg: ExpertConfig) -> Path:
+    """``root``/<a name spelling out the settings>: one folder per kind of expert, so notebooks that ask
+    for the same experts (07, 09, 10) share the trajectories instead of training them again."""
+    kind = cfg.optimizer + ("-curriculum" if cfg.curriculum else "")
+    return Path(root) / (f"{dataset}_{image_size}px_{cfg.model}_{kind}_{cfg.num_experts}x{cfg.epochs}"
+                         f"_subset{cfg.subset}_batch{cfg.batch_size}")
+
+
+def ensure_experts(real: RealSet, cfg: ExpertConfig, folder: str | Path, *, seed: int = 0,
+                   device: str | torch.device = "cpu") -> Experts:
+    """Train the experts ``folder`` still lacks (finished ones are verified and kept), then load them all."""
+    train_experts(real, cfg, folder, seed=seed, device=device, show_progress=False)
+    return load_experts(folder)

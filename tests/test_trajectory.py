@@ -21,7 +21,9 @@ from ddlib.trajectory import (
     depth_keep,
     difficulty_order,
     el2n_scores,
+    ensure_experts,
     expert_file,
+    experts_folder,
     load_experts,
     loss_keep,
     parameter_distance,
@@ -141,6 +143,22 @@ def test_experts_files_index_and_loading(digits, tmp_path):
     assert experts[0].shape == (3, flat.num_params) and experts[0].dtype == torch.float16
     assert not torch.equal(experts[0][0], experts[1][0])   # experts start from different inits
     assert not torch.equal(experts[0][0], experts[0][-1])  # and move
+
+
+def test_ensure_experts_trains_once_then_reuses_the_shared_folder(digits, tmp_path):
+    cfg = ExpertConfig(num_experts=1, **TINY)
+    folder = experts_folder(tmp_path / "experts", "digits", 8, cfg)
+    assert folder.name == "digits_8px_convnetw16_sgd_1x2_subset6_batch32"
+    other = ExpertConfig(num_experts=1, curriculum=True, optimizer="gsam", **TINY)
+    assert experts_folder(tmp_path, "digits", 8, other).name.startswith("digits_8px_convnetw16_gsam-curriculum_")
+    experts = ensure_experts(digits, cfg, folder, seed=0)
+    written = (folder / expert_file(0)).stat().st_mtime_ns
+    again = ensure_experts(digits, cfg, folder, seed=0)
+    assert (folder / expert_file(0)).stat().st_mtime_ns == written  # verified and kept, not retrained
+    assert torch.equal(experts[0], again[0]) and len(again.test_accuracies) == 1
+    assert 0.0 <= again.test_accuracies[0] <= 1.0
+    assert str(again).startswith(f"1 experts (plain, sgd) in {folder}: 2 epochs, ")
+    assert "final test accuracy" in str(again)
 
 
 def test_interrupted_run_resumes_to_identical_files(digits, tmp_path):
