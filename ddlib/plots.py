@@ -203,7 +203,7 @@ def accuracy_bars(table: Any, title: str = "", *, value: str = "accuracy", std: 
     top = high + margin
     ax.set_ylim(max(0.0, low - margin), top if high > 100 else min(100.0, top))
     if line is not None:
-        ax.axhline(line, color="k", ls="--", lw=1, label=line_label)
+        ax.axhline(line, color="k", ls="--", lw=1, label=line_label or f"reference ({line:g})")
         ax.legend(loc="lower right")
     if majority_rate is not None:
         majority_line(ax, majority_rate)
