@@ -545,6 +545,23 @@ def experts_folder(root: str | Path, dataset: str, image_size: int, cfg: ExpertC
 
 def ensure_experts(real: RealSet, cfg: ExpertConfig, folder: str | Path, *, seed: int = 0,
                    device: str | torch.device = "cpu") -> Experts:
-    """Train the experts ``folder`` still lacks (finished ones are verified and kept), then load them all."""
-    train_experts(real, cfg, folder, seed=seed, device=device, show_progress=False)
+    """Train the experts ``folder`` still lacks, then load them all (each file read and verified once)."""
+    if not _complete(real, cfg, Path(folder), seed):
+        train_experts(real, cfg, folder, seed=seed, device=device, show_progress=False)
     return load_experts(folder)
+
+
+def _complete(real: RealSet, cfg: ExpertConfig, folder: Path, seed: int) -> bool:
+    """Whether ``folder``'s index already lists ``cfg.num_experts`` experts of these settings, so that
+    loading can skip ``train_experts`` (whose check of every file would read each one a second time)."""
+    path = folder / INDEX_FILE
+    if not path.is_file():
+        return False
+    try:
+        index = _read_index(path)
+    except (OSError, json.JSONDecodeError):
+        return False  # train_experts reports it
+    template = get_network(cfg.model, real.channels, real.num_classes, real.image_size)
+    listed = index.get("experts", {})
+    return (not _differences(index.get("settings"), _settings(real, cfg, seed, FlatModel(template)))
+            and all(str(i) in listed for i in range(cfg.num_experts)))

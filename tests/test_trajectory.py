@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ddlib import trajectory as trajectory_module
 from ddlib.data import load_dataset
 from ddlib.models import get_network
 from ddlib.rng import generator
@@ -145,7 +146,7 @@ def test_experts_files_index_and_loading(digits, tmp_path):
     assert not torch.equal(experts[0][0], experts[0][-1])  # and move
 
 
-def test_ensure_experts_trains_once_then_reuses_the_shared_folder(digits, tmp_path):
+def test_ensure_experts_trains_once_then_reuses_the_shared_folder(digits, tmp_path, monkeypatch):
     cfg = ExpertConfig(num_experts=1, **TINY)
     folder = experts_folder(tmp_path / "experts", "digits", 8, cfg)
     assert folder.name == "digits_8px_convnetw16_sgd_1x2_subset6_batch32"
@@ -153,12 +154,18 @@ def test_ensure_experts_trains_once_then_reuses_the_shared_folder(digits, tmp_pa
     assert experts_folder(tmp_path, "digits", 8, other).name.startswith("digits_8px_convnetw16_gsam-curriculum_")
     experts = ensure_experts(digits, cfg, folder, seed=0)
     written = (folder / expert_file(0)).stat().st_mtime_ns
+    reads = []
+    real_read = trajectory_module._read_expert
+    monkeypatch.setattr(trajectory_module, "_read_expert", lambda *a: reads.append(a) or real_read(*a))
     again = ensure_experts(digits, cfg, folder, seed=0)
+    assert len(reads) == 1  # a finished folder: each file read and verified once, not twice
     assert (folder / expert_file(0)).stat().st_mtime_ns == written  # verified and kept, not retrained
     assert torch.equal(experts[0], again[0]) and len(again.test_accuracies) == 1
     assert 0.0 <= again.test_accuracies[0] <= 1.0
     assert str(again).startswith(f"1 experts (plain, sgd) in {folder}: 2 epochs, ")
     assert "final test accuracy" in str(again)
+    with pytest.raises(ExpertFileError, match="seed"):  # other settings still go through train_experts' check
+        ensure_experts(digits, cfg, folder, seed=1)
 
 
 def test_interrupted_run_resumes_to_identical_files(digits, tmp_path):
