@@ -60,3 +60,24 @@ def test_dc_reference_writes_its_json(tmp_path):  # fixture MNIST from DDLIB_DAT
     assert reference_main(["--ipc", "1", "--batch-real", "8", "--repeats", "1", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "dc-reference-ipc1-cpu.json").read_text())
     assert len(report["seconds_per_outer_step"]["ddlib"]) == 1 and report["ratio_ddlib_to_reference"] > 0
+
+
+def test_dm_reference_writes_its_json_and_moves_the_images(tmp_path):  # fixture MNIST from DDLIB_DATA (conftest)
+    import torch
+
+    from bench.dm_reference import main as reference_main
+    from bench.dm_reference import reference_iteration
+    from ddlib.augment import DSA
+    from ddlib.data import load_dataset
+    from ddlib.models import get_network
+
+    assert reference_main(["--ipc", "1", "--batch-real", "8", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "dm-reference-ipc1-cpu.json").read_text())
+    assert len(report["seconds_per_iteration"]["ddlib"]) == 1 and report["ratio_ddlib_to_reference"] > 0
+    real = load_dataset("mnist")
+    net = get_network("convnet", 1, 10, real.image_size).requires_grad_(False)
+    images = torch.zeros(10, 1, real.image_size, real.image_size, requires_grad=True)
+    before = images.detach().clone()
+    reference_iteration(net, images, torch.optim.SGD([images], lr=1.0), real, 4, DSA(),
+                        torch.Generator().manual_seed(0))
+    assert (images.detach() != before).flatten(1).any(dim=1).all()  # one backward reached every class's image
