@@ -176,3 +176,12 @@ def test_cli_experts_then_distill(tmp_path, capsys):
     assert synset.lr.item() > 0 and synset.meta["config"]["experts"] == str(experts)
     assert main(["evaluate", str(out / "synset.pt"), "--num-eval", "1", "--eval-epochs", "1",
                  "--no-random-baseline"]) == 0
+
+
+def test_a_collapsed_student_lr_stops_the_run_with_the_reason(digits, experts):
+    from ddlib.methods import DivergenceError
+
+    with pytest.raises(DivergenceError, match="student lr collapsed to 1.0e-09.*lr_teacher") as info:
+        distill("mtt", digits, seed=0, device="cpu", show_progress=False, experts=experts, model=MODEL,
+                ipc=1, iterations=2, lr_teacher=1e-9, **WINDOW)
+    assert info.value.last_good is not None

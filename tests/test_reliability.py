@@ -41,7 +41,7 @@ METHODS = {
     "datadam": {},
     "dc": dict(outer_loop=2, inner_loop=1, batch_train=10),
     "dd": dict(ipc=2, epochs=1, decay_every=2),
-    "mtt": dict(syn_steps=2, expert_epochs=1, max_start_epoch=2, batch_syn=5, lr_img=10.0),
+    "mtt": dict(syn_steps=2, expert_epochs=1, max_start_epoch=2, batch_syn=5, lr_img=10.0, lr_lr=1e-8),
     "datm": dict(syn_steps=2, expert_epochs=1, max_start_epoch=2, current_max_start_epoch=1, expansion_end_epoch=3,
                  batch_syn=5, lr_img=10.0),
 }

@@ -186,6 +186,11 @@ class Distiller:
             real_x, syn_x = self.dsa.siamese(real_x, syn_x, dsa_rng, **sharded)
         return real_x, syn_x
 
+    def stalled(self, record: dict[str, float]) -> str | None:
+        """Why the run can no longer learn although its numbers are finite (a method's own check of a logged
+        ``record``), or None; ``distill_with`` then stops it as it stops a NaN."""
+        return None
+
     def log_scalars(self, scalars: dict[str, Tensor]) -> dict[str, Tensor]:
         """The step's scalars over all classes: summed across the ranks under class sharding."""
         return scalars if self.shard is None else distributed.all_reduce_sum(scalars)
@@ -375,14 +380,16 @@ def _checked_record(distiller: Distiller, scalars: dict[str, Tensor], iteration:
     when one of them or the images is NaN or infinite."""
     record = {k: float(v) for k, v in distiller.log_scalars(scalars).items()}  # one host sync per log interval
     bad = [k for k, v in record.items() if not math.isfinite(v)]
-    if bad or not bool(torch.isfinite(distiller.images).all()):
+    stalled = None if bad else distiller.stalled(record)
+    if bad or stalled or not bool(torch.isfinite(distiller.images).all()):
         what = ", ".join(bad) or "the synthetic images"
         kept = ""
         if ckpt is not None and ckpt.saved_iteration is not None:
             kept = (f"; the last good checkpoint (iteration {ckpt.saved_iteration}) is kept at {ckpt.path}, "
                     f"and the last good set is attached to this error")
-        raise DivergenceError(f"{distiller.name} diverged at iteration {iteration}: {what} became NaN or infinite; "
-                              f"lower --lr-img (now {distiller.cfg.lr_img}) and check the inputs{kept}",
+        reason = stalled or (f"{what} became NaN or infinite; lower --lr-img (now {distiller.cfg.lr_img}) and "
+                             "check the inputs")
+        raise DivergenceError(f"{distiller.name} diverged at iteration {iteration}: {reason}{kept}",
                               loop["last_good"])
     return record
 

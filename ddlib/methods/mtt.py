@@ -85,6 +85,16 @@ class MTT(Distiller):
         self.lr_optimizer = torch.optim.SGD([self.raw_lr], lr=cfg.lr_lr, momentum=cfg.momentum_lr)
 
     # ------------------------------------------------------------------ pieces subclasses change
+    def stalled(self, record: dict[str, float]) -> str | None:
+        """A learnable lr driven to ~0 (below lr_floor / 100): the student no longer moves, the loss sits at 1
+        and the images get no gradient, so the run would go on without learning (seen with lr_teacher 0.05)."""
+        lr = record.get("lr")
+        if lr is None or lr >= self.cfg.lr_floor / 100:
+            return None
+        return (f"the learnable student lr collapsed to {lr:.1e} (it started at lr_teacher {self.cfg.lr_teacher}): "
+                f"the student no longer moves; start it lower (--set lr_teacher=...) or lower --set lr_lr "
+                f"(now {self.cfg.lr_lr})")
+
     @property
     def lr(self) -> Tensor:
         """The learnable student lr (a positive scalar tensor)."""
