@@ -178,10 +178,7 @@ def test_cli_experts_then_distill(tmp_path, capsys):
                  "--no-random-baseline"]) == 0
 
 
-def test_a_collapsed_student_lr_stops_the_run_with_the_reason(digits, experts):
-    from ddlib.methods import DivergenceError
-
-    with pytest.raises(DivergenceError, match="student lr collapsed to 1.0e-09.*lr_teacher") as info:
+def test_a_collapsed_student_lr_is_reported_with_the_reason(digits, experts):
+    with pytest.warns(RuntimeWarning, match="iteration 1: the learnable student lr collapsed to 1.0e-09.*lr_teacher"):
         distill("mtt", digits, seed=0, device="cpu", show_progress=False, experts=experts, model=MODEL,
                 ipc=1, iterations=2, lr_teacher=1e-9, **WINDOW)
-    assert info.value.last_good is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -188,7 +189,7 @@ class Distiller:
 
     def stalled(self, record: dict[str, float]) -> str | None:
         """Why the run can no longer learn although its numbers are finite (a method's own check of a logged
-        ``record``), or None; ``distill_with`` then stops it as it stops a NaN."""
+        ``record``), or None; ``distill_with`` then warns (RuntimeWarning) at that logging interval."""
         return None
 
     def log_scalars(self, scalars: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -381,15 +382,16 @@ def _checked_record(distiller: Distiller, scalars: dict[str, Tensor], iteration:
     record = {k: float(v) for k, v in distiller.log_scalars(scalars).items()}  # one host sync per log interval
     bad = [k for k, v in record.items() if not math.isfinite(v)]
     stalled = None if bad else distiller.stalled(record)
-    if bad or stalled or not bool(torch.isfinite(distiller.images).all()):
+    if stalled:  # finite but no longer learning: said loudly, not stopped (tiny test settings get there too)
+        warnings.warn(f"{distiller.name} at iteration {iteration}: {stalled}", RuntimeWarning, stacklevel=2)
+    if bad or not bool(torch.isfinite(distiller.images).all()):
         what = ", ".join(bad) or "the synthetic images"
         kept = ""
         if ckpt is not None and ckpt.saved_iteration is not None:
             kept = (f"; the last good checkpoint (iteration {ckpt.saved_iteration}) is kept at {ckpt.path}, "
                     f"and the last good set is attached to this error")
-        reason = stalled or (f"{what} became NaN or infinite; lower --lr-img (now {distiller.cfg.lr_img}) and "
-                             "check the inputs")
-        raise DivergenceError(f"{distiller.name} diverged at iteration {iteration}: {reason}{kept}",
+        raise DivergenceError(f"{distiller.name} diverged at iteration {iteration}: {what} became NaN or infinite; "
+                              f"lower --lr-img (now {distiller.cfg.lr_img}) and check the inputs{kept}",
                               loop["last_good"])
     return record
 
