@@ -1,7 +1,8 @@
 """DC's outer step, ddlib vs the official code's loop, timed side by side on the same CPU.
 
     python -m bench.dc_reference [--ipc 10] [--repeats 3] [--threads 1] [--data-root ../shared/data]
-                                 [--out results/bench]
+                                 [--out results/bench] [--init noise]
+                                 [--accuracy-iterations K --eval-protocol dc-aug --eval-epochs 1000]
 
 The official DC (VICO-UoE/DatasetCondensation, main.py) is not vendored here; ``reference_outer_step``
 re-states its outer step in plain PyTorch: for each class in turn, the real gradient (256 images) and the
@@ -9,19 +10,21 @@ synthetic one (``create_graph``), the layer-wise distance summed over classes, o
 (lr 0.1, momentum 0.5), then ``inner`` epochs of SGD (lr 0.01) on the synthetic set in one batch, as its
 ``epoch('train', ...)`` does for 100 images with batch 256. ddlib's ``DC.outer_step`` does the same work
 (same network, same FLOPs). Both run on the same thread count in the same process, alternately, so load on
-the other core affects both alike. Writes ``<out>/dc-reference-ipc<IPC>-cpu.json`` and prints the medians.
-Not run by the tests.
+the other core affects both alike (``bench.side_by_side``). Writes ``<out>/dc-reference-ipc<IPC>[-acc<K>]-cpu.json``
+and prints the medians. With ``--accuracy-iterations K`` both sides run K whole iterations (a fresh network,
+``outer`` outer steps on fresh real batches) from the same initial images, and both results are evaluated with
+the same seeds. Not run by the tests.
 """
 from __future__ import annotations
 
-import argparse
-import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from bench import side_by_side
+from ddlib.synset import SyntheticSet
 
 
 def layerwise_distance(g_syn: list[Tensor], g_real: list[Tensor]) -> Tensor:
@@ -64,58 +67,64 @@ def reference_outer_step(net: nn.Module, images: Tensor, image_opt: torch.optim.
     return {"matching_s": matched - start, "inner_s": time.perf_counter() - matched}
 
 
+def reference_iteration(net: nn.Module, images: Tensor, image_opt: torch.optim.Optimizer, real, batch_real: int,
+                        outer: int, inner: int, rng: torch.Generator) -> dict[str, float]:
+    """One official iteration on the freshly initialised ``net``: ``outer`` outer steps, each on a fresh real
+    batch per class, with ``inner`` epochs of training after all but the last. Returns the parts' seconds."""
+    parts = {"matching_s": 0.0, "inner_s": 0.0}
+    for o in range(outer):
+        real_x = real.sample_per_class(batch_real, rng)
+        for key, seconds in reference_outer_step(net, images, image_opt, real_x, inner if o < outer - 1 else 0,
+                                                 rng).items():
+            parts[key] += seconds
+    return parts
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.dc_reference", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="mnist")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--ipc", type=int, default=10)
-    p.add_argument("--batch-real", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3, help="timed outer steps of each (after one warm-up)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="results/bench")
+    p = side_by_side.parser("python -m bench.dc_reference", __doc__, unit="outer step", repeats=3)
+    p.add_argument("--init", default="noise", help="initial images of both sides (DC's default: noise)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from ddlib.data import load_dataset
-    from ddlib.io import save_json
     from ddlib.methods import make_config
     from ddlib.methods.registry import get_method
     from ddlib.models import get_network, init_parameters_
     from ddlib.rng import generator
-    from ddlib.utils import cpu_name, environment
 
     real = load_dataset(args.dataset, args.data_root)
-    cfg = make_config("dc", ipc=args.ipc, batch_real=args.batch_real, init="real", class_grads="loop")
+    cfg = make_config("dc", ipc=args.ipc, batch_real=args.batch_real, init=args.init, class_grads="loop")
     ours = get_method("dc")(real, cfg, seed=0)
-    inner = ours.inner
+    outer, inner = ours.outer, ours.inner
     net = get_network(cfg.model, real.channels, real.num_classes, real.image_size)
-    images = ours.images.detach().clone().requires_grad_(True)
+    images = ours.images.detach().clone().requires_grad_(True)  # both sides start from the same images
     image_opt = torch.optim.SGD([images], lr=cfg.lr_img, momentum=0.5)
-    real_x = real.sample_per_class(args.batch_real, generator(0, "bench-real"))
-    times: dict[str, list[float]] = {"ddlib": [], "reference": [], "reference_inner": []}
-    for rep in range(args.repeats + 1):  # alternate, so a change in load hits both
+    whole = bool(args.accuracy_iterations)  # accuracy mode times whole iterations, timing mode one outer step
+
+    def reference(rep: int) -> dict[str, float]:
         init_parameters_(net, generator(0, "bench-net", rep))
-        t = reference_outer_step(net, images, image_opt, real_x, inner, generator(0, "bench-inner", rep))
+        rng = generator(0, "bench-iteration", rep)
+        if whole:
+            return reference_iteration(net, images, image_opt, real, args.batch_real, outer, inner, rng)
+        real_x = real.sample_per_class(args.batch_real, rng)
+        return reference_outer_step(net, images, image_opt, real_x, inner if outer > 1 else 0, rng)
+
+    def ddlib_outer_step(rep: int) -> None:
         init_parameters_(ours.net, ours.rng("net", rep))
         ours.net.requires_grad_(True)
-        start = time.perf_counter()
         ours.outer_step(rep, 0)
-        ours_s = time.perf_counter() - start
-        print(f"rep {rep}: reference {sum(t.values()):.2f} s (inner {t['inner_s']:.2f}), ddlib {ours_s:.2f} s",
-              flush=True)
-        if rep:  # the first is a warm-up
-            times["reference"].append(sum(t.values()))
-            times["reference_inner"].append(t["inner_s"])
-            times["ddlib"].append(ours_s)
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    report = {"dataset": args.dataset, "ipc": args.ipc, "batch_real": args.batch_real, "inner_epochs": inner,
-              "threads": args.threads, "cpu": cpu_name(), "environment": environment(),
-              "seconds_per_outer_step": times, "median": medians,
-              "ratio_ddlib_to_reference": medians["ddlib"] / medians["reference"]}
-    path = Path(args.out) / f"dc-reference-ipc{args.ipc}-cpu.json"
-    save_json(report, path)
-    print(f"median s/outer step: reference {medians['reference']:.2f}, ddlib {medians['ddlib']:.2f} "
-          f"(ratio {report['ratio_ddlib_to_reference']:.2f}) -> {path}")
+
+    unit = "iteration" if whole else "outer step"
+    times = side_by_side.time_alternately({"reference": reference, "ddlib": ours.step if whole else ddlib_outer_step},
+                                          args.accuracy_iterations or args.repeats + 1)
+    report = {"dataset": args.dataset, "ipc": args.ipc, "batch_real": args.batch_real, "init": args.init,
+              "outer_steps": outer, "inner_epochs": inner, "threads": args.threads}
+    if whole:
+        mine = ours.synthetic_set()
+        theirs = SyntheticSet(images.detach().clone(), mine.labels, None, {**mine.meta, "method": "dc-reference"})
+        report["iterations"] = args.accuracy_iterations
+        report["accuracy"] = side_by_side.paired_accuracy({"reference": theirs, "ddlib": mine}, real, args)
+    side_by_side.write_report(report, times, side_by_side.report_path(args, "dc"), unit)
     return 0
 
 

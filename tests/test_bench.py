@@ -59,7 +59,21 @@ def test_dc_reference_writes_its_json(tmp_path):  # fixture MNIST from DDLIB_DAT
 
     assert reference_main(["--ipc", "1", "--batch-real", "8", "--repeats", "1", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "dc-reference-ipc1-cpu.json").read_text())
-    assert len(report["seconds_per_outer_step"]["ddlib"]) == 1 and report["ratio_ddlib_to_reference"] > 0
+    assert report["unit"] == "outer step" and "accuracy" not in report
+    assert len(report["seconds"]["ddlib"]) == 1 and report["ratio_ddlib_to_reference"] > 0
+
+
+def test_dc_reference_accuracy_mode_runs_whole_iterations_and_evaluates_both(tmp_path):
+    from bench.dc_reference import main as reference_main
+
+    assert reference_main(["--ipc", "2", "--batch-real", "4", "--accuracy-iterations", "2", "--eval-epochs", "1",
+                           "--num-eval", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "dc-reference-ipc2-acc2-cpu.json").read_text())
+    assert report["unit"] == "iteration" and report["outer_steps"] == 2
+    assert len(report["seconds"]["reference"]) == 1 and len(report["seconds"]["reference_inner_s"]) == 1
+    accuracy = report["accuracy"]
+    assert len(accuracy["reference"]["accuracies"]) == 2 and len(accuracy["ddlib"]["accuracies"]) == 2
+    assert accuracy["difference"] == accuracy["ddlib"]["accuracy_mean"] - accuracy["reference"]["accuracy_mean"]
 
 
 def test_dm_reference_writes_its_json_and_moves_the_images(tmp_path):  # fixture MNIST from DDLIB_DATA (conftest)
@@ -73,7 +87,8 @@ def test_dm_reference_writes_its_json_and_moves_the_images(tmp_path):  # fixture
 
     assert reference_main(["--ipc", "1", "--batch-real", "8", "--repeats", "1", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "dm-reference-ipc1-cpu.json").read_text())
-    assert len(report["seconds_per_iteration"]["ddlib"]) == 1 and report["ratio_ddlib_to_reference"] > 0
+    assert report["unit"] == "iteration" and len(report["seconds"]["ddlib"]) == 1
+    assert report["ratio_ddlib_to_reference"] > 0
     real = load_dataset("mnist")
     net = get_network("convnet", 1, 10, real.image_size).requires_grad_(False)
     images = torch.zeros(10, 1, real.image_size, real.image_size, requires_grad=True)
@@ -81,3 +96,13 @@ def test_dm_reference_writes_its_json_and_moves_the_images(tmp_path):  # fixture
     reference_iteration(net, images, torch.optim.SGD([images], lr=1.0), real, 4, DSA(),
                         torch.Generator().manual_seed(0))
     assert (images.detach() != before).flatten(1).any(dim=1).all()  # one backward reached every class's image
+
+
+def test_dm_reference_accuracy_mode_evaluates_both_sets_with_the_same_seeds(tmp_path):
+    from bench.dm_reference import main as reference_main
+
+    assert reference_main(["--ipc", "1", "--batch-real", "4", "--accuracy-iterations", "2", "--eval-epochs", "1",
+                           "--num-eval", "1", "--out", str(tmp_path)]) == 0
+    accuracy = json.loads((tmp_path / "dm-reference-ipc1-acc2-cpu.json").read_text())["accuracy"]
+    assert accuracy["protocol"] == "dc" and accuracy["num_eval"] == 1
+    assert {"reference", "ddlib", "difference", "within_one_std_or_better"} <= set(accuracy)
