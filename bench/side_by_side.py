@@ -17,7 +17,8 @@ from typing import Callable
 
 from ddlib.synset import SyntheticSet
 
-# one unit of a side: run it for repeat ``rep``; may return named sub-timings (seconds) of its own parts
+# one unit of a side: run it for repeat ``rep``; a reference side may return named sub-timings (seconds) of
+# its own parts; what a ddlib side returns (a step's losses) is ignored
 Unit = Callable[[int], "dict[str, float] | None"]
 
 
@@ -47,8 +48,9 @@ def time_alternately(sides: dict[str, Unit], reps: int, warmup: int = 1) -> dict
         line = []
         for name, unit in sides.items():
             start = time.perf_counter()
-            parts = unit(rep) or {}
+            returned = unit(rep)
             seconds = time.perf_counter() - start
+            parts = (returned or {}) if name == "reference" else {}
             line.append(f"{name} {seconds:.2f} s" + "".join(f" ({k} {v:.2f})" for k, v in parts.items()))
             if rep >= warmup:
                 times[name].append(seconds)

@@ -71,6 +71,7 @@ def test_dc_reference_accuracy_mode_runs_whole_iterations_and_evaluates_both(tmp
     report = json.loads((tmp_path / "dc-reference-ipc2-acc2-cpu.json").read_text())
     assert report["unit"] == "iteration" and report["outer_steps"] == 2
     assert len(report["seconds"]["reference"]) == 1 and len(report["seconds"]["reference_inner_s"]) == 1
+    assert set(report["seconds"]) == {"reference", "reference_matching_s", "reference_inner_s", "ddlib"}
     accuracy = report["accuracy"]
     assert len(accuracy["reference"]["accuracies"]) == 2 and len(accuracy["ddlib"]["accuracies"]) == 2
     assert accuracy["difference"] == accuracy["ddlib"]["accuracy_mean"] - accuracy["reference"]["accuracy_mean"]
