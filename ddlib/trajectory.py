@@ -278,8 +278,9 @@ def _folder_config(cfg: ExpertConfig) -> dict[str, Any]:
     return config
 
 
-def _settings(real: RealSet, cfg: ExpertConfig, seed: int, flat: FlatModel) -> dict[str, Any]:
+def _settings(real: RealSet, cfg: ExpertConfig, seed: int) -> dict[str, Any]:
     """Everything that must agree between the experts of one folder (num_experts may grow)."""
+    flat = FlatModel(get_network(cfg.model, real.channels, real.num_classes, real.image_size))
     settings = {"format": FORMAT, "version": FORMAT_VERSION, "seed": seed, "config": _folder_config(cfg),
                 "dataset": real.meta(), "num_params": flat.num_params, "layers": flat.layers()}
     return json.loads(json.dumps(settings))  # tuples -> lists, as they come back from the file
@@ -420,9 +421,7 @@ def train_experts(real: RealSet, cfg: ExpertConfig, out_dir: str | Path, *, seed
     out, device = Path(out_dir), torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
     run = distributed.init(device)
-    template = get_network(cfg.model, real.channels, real.num_classes, real.image_size)
-    settings = _settings(real, cfg, seed, FlatModel(template))
-    index = _open_index(out, settings)
+    index = _open_index(out, _settings(real, cfg, seed))
     data = _expert_data(real, cfg, seed, out, device, index)
     mine = distributed.owned_items(range(cfg.num_experts), run)
     for i in progress(mine, desc="experts", total=len(mine), enable=show_progress and distributed.is_main()):
@@ -554,14 +553,8 @@ def ensure_experts(real: RealSet, cfg: ExpertConfig, folder: str | Path, *, seed
 def _complete(real: RealSet, cfg: ExpertConfig, folder: Path, seed: int) -> bool:
     """Whether ``folder``'s index already lists ``cfg.num_experts`` experts of these settings, so that
     loading can skip ``train_experts`` (whose check of every file would read each one a second time)."""
-    path = folder / INDEX_FILE
-    if not path.is_file():
-        return False
     try:
-        index = _read_index(path)
-    except (OSError, json.JSONDecodeError):
-        return False  # train_experts reports it
-    template = get_network(cfg.model, real.channels, real.num_classes, real.image_size)
-    listed = index.get("experts", {})
-    return (not _differences(index.get("settings"), _settings(real, cfg, seed, FlatModel(template)))
-            and all(str(i) in listed for i in range(cfg.num_experts)))
+        index = _open_index(folder, _settings(real, cfg, seed))
+    except ExpertFileError:
+        return False  # train_experts raises the same error
+    return all(str(i) in index["experts"] for i in range(cfg.num_experts))
