@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,21 @@ class ExpertConfig:
     rm_easy_ratio_second: float = 0.2  # curriculum: fraction of each class dropped after rm_epoch_second
     score_nets: int = 3              # curriculum: networks the EL2N score is averaged over
     score_epochs: int = 2            # curriculum: epochs each scoring network is trained (early training)
+
+    # the expert parameters of notebooks 07-10, by the config field each one sets
+    NOTEBOOK_PARAMETERS: ClassVar[dict[str, str]] = {
+        "num_experts": "num_experts", "expert_train_epochs": "epochs", "model": "model",
+        "expert_optimizer": "optimizer", "expert_subset": "subset", "expert_batch": "batch_size",
+        "expert_half": "half", "init_ratio": "init_ratio", "add_end_epoch": "add_end_epoch",
+        "rm_epoch_first": "rm_epoch_first", "rm_epoch_second": "rm_epoch_second", "score_nets": "score_nets",
+        "score_epochs": "score_epochs"}
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any], **fields: Any) -> "ExpertConfig":
+        """The config a notebook's parameters name (``expert_train_epochs`` sets ``epochs``, ...: see
+        ``NOTEBOOK_PARAMETERS``; other names are ignored, absent ones keep the defaults); ``fields`` override."""
+        named = {field: parameters[name] for name, field in cls.NOTEBOOK_PARAMETERS.items() if name in parameters}
+        return cls(**{**named, **fields})
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "gsam"):

@@ -3,6 +3,7 @@ resumable, verified expert files."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import pytest
 import torch
@@ -230,3 +231,13 @@ def test_gsam_and_curriculum_experts_train(digits, tmp_path):
     assert trajectory.shape[0] == 3 and bool(torch.isfinite(trajectory).all())
     assert (out / "difficulty.pt").exists()
     assert F.mse_loss(trajectory[0], trajectory[-1]) > 0
+
+
+def test_expert_config_from_notebook_parameters_maps_their_names_and_ignores_the_rest():
+    params = {"num_experts": 2, "expert_train_epochs": 3, "expert_batch": 64, "expert_subset": 20,
+              "expert_optimizer": "gsam", "expert_half": True, "init_ratio": 0.5, "lr": 5.0, "ipc": 10}
+    cfg = ExpertConfig.from_parameters(params, curriculum=True)
+    assert (cfg.num_experts, cfg.epochs, cfg.batch_size, cfg.subset) == (2, 3, 64, 20)
+    assert cfg.optimizer == "gsam" and cfg.half and cfg.curriculum and cfg.init_ratio == 0.5
+    assert cfg.lr == ExpertConfig().lr  # a notebook's other variables never leak into the experts
+    assert set(ExpertConfig.NOTEBOOK_PARAMETERS.values()) <= {f.name for f in fields(ExpertConfig)}
