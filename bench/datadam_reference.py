@@ -12,7 +12,8 @@ pass; the attention maps ``normalise(sum_ch |F|^p)`` (``abs().pow(p)``, as its `
 ReLU output but the last and the embeddings matched by class means (SAM + lambda * MMD, both x100); one SGD step
 of the images (lr 1, momentum 0.5). The network and the DSA are ddlib's (the paper's InstanceNorm ConvNet and p
 = 4, ddlib's defaults; the released code uses BatchNorm and p = 1), so the ratio measures the loop and the
-passes. ddlib's ``DataDAM.step`` does the same work. Both run alternately in one process on the same threads
+passes (``--norm batch --power 1`` times the released code's settings). ddlib's ``DataDAM.step`` does the same
+work. Both run alternately in one process on the same threads
 (``bench.side_by_side``). Writes ``<out>/datadam-reference-ipc<IPC>[-acc<K>]-cpu.json``. Not run by the tests.
 """
 from __future__ import annotations
@@ -78,6 +79,8 @@ def reference_iteration(net: nn.Module, activations: list[Tensor], images: Tenso
 
 def main(argv: list[str] | None = None) -> int:
     p = side_by_side.parser("python -m bench.datadam_reference", __doc__, unit="iteration", repeats=5)
+    p.add_argument("--power", type=float, default=None, help="attention power p (default ddlib's: 4, the paper)")
+    p.add_argument("--norm", default=None, help="instance (default, the paper) | batch (the released code)")
     p.set_defaults(batch_real=64)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from ddlib.rng import generator
 
     real = load_dataset(args.dataset, args.data_root)
-    cfg = make_config("datadam", ipc=args.ipc, batch_real=args.batch_real)
+    overrides = {k: v for k, v in (("power", args.power), ("norm", args.norm)) if v is not None}
+    cfg = make_config("datadam", ipc=args.ipc, batch_real=args.batch_real, **overrides)
     ours = get_method("datadam")(real, cfg, seed=0)
     net = _build_network(cfg, real.channels, real.num_classes, real.image_size, torch.device("cpu"))
     net.requires_grad_(False).train()
@@ -113,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         theirs = SyntheticSet(images.detach().clone(), mine.labels, None, {**mine.meta, "method": "datadam-reference"})
         report["iterations"] = args.accuracy_iterations
         report["accuracy"] = side_by_side.paired_accuracy({"reference": theirs, "ddlib": mine}, real, args)
-    side_by_side.write_report(report, times, side_by_side.report_path(args, "datadam"), "iteration")
+    name = "datadam" + "".join(f"-{k}{v:g}" if k == "power" else f"-{v}" for k, v in overrides.items())
+    side_by_side.write_report(report, times, side_by_side.report_path(args, name), "iteration")
     return 0
 
 

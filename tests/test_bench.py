@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.run import ENTRIES, main
 
 
@@ -109,7 +111,8 @@ def test_dm_reference_accuracy_mode_evaluates_both_sets_with_the_same_seeds(tmp_
     assert {"reference", "ddlib", "difference", "within_one_std_or_better"} <= set(accuracy)
 
 
-def test_datadam_reference_loss_is_ddlibs_loss_and_its_json_is_written(tmp_path):  # fixture MNIST (conftest)
+@pytest.mark.parametrize("norm, power", [("instance", 4.0), ("batch", 1.0)])  # the paper's; the released code's
+def test_datadam_reference_loss_is_ddlibs_loss_and_its_json_is_written(tmp_path, norm, power):  # fixture MNIST
     import torch
 
     from bench.datadam_reference import main as reference_main
@@ -119,16 +122,17 @@ def test_datadam_reference_loss_is_ddlibs_loss_and_its_json_is_written(tmp_path)
     from ddlib.methods.datadam import _build_network
 
     real = load_dataset("mnist")
-    cfg = make_config("datadam", ipc=2, batch_real=4)
+    cfg = make_config("datadam", ipc=2, batch_real=4, norm=norm, power=power)
     ours = get_method("datadam")(real, cfg, seed=0)
     net = _build_network(cfg, real.channels, real.num_classes, real.image_size, torch.device("cpu"))
-    net.requires_grad_(False)
+    net.requires_grad_(False).train()
     real_x = real.sample_per_class(4, torch.Generator().manual_seed(0))  # [K, 4, C, H, W]
     syn_x = ours.per_class(ours.images.detach())
     expected = ours.loss(net, real_x, syn_x)[0]
     got = reference_loss(net, relu_outputs(net), real_x.flatten(0, 1), syn_x.flatten(0, 1), real.num_classes,
                          cfg.power, cfg.mmd_weight)
     assert torch.allclose(got, expected, rtol=1e-4)
-    assert reference_main(["--ipc", "1", "--batch-real", "4", "--repeats", "1", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "datadam-reference-ipc1-cpu.json").read_text())
-    assert report["power"] == cfg.power and len(report["seconds"]["reference"]) == 1
+    assert reference_main(["--ipc", "1", "--batch-real", "4", "--repeats", "1", "--norm", norm, "--power", str(power),
+                           "--out", str(tmp_path)]) == 0
+    report = json.loads(next(tmp_path.glob("datadam-*reference-ipc1-cpu.json")).read_text())
+    assert report["power"] == power and report["norm"] == norm and len(report["seconds"]["reference"]) == 1
