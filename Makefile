@@ -14,5 +14,5 @@ test-fast:        ## everything except the notebook executions
 quickstart:       ## distil digits with DM and compare with random real images (< 3 min on 2 CPU cores)
 	$(PY) -m ddlib distill --method dm --dataset digits --ipc 1 --seed 0 --out runs/quickstart
 
-lint:
-	$(PY) -m ruff check ddlib tests
+lint:             ## ruff over the package, tests, benchmarks and notebooks (pyproject: results/ excluded)
+	$(PY) -m ruff check .
