@@ -91,10 +91,14 @@ ENTRIES = [
 ]
 
 
-def matmul_flops_per_second(device: torch.device, size: int = 2048, seconds: float = 1.0) -> float:
-    """Measured fp32 matmul rate of this device (FLOP/s, FLOP = 2 x MAC)."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def matmul_flops_per_second(device: torch.device, size: int = 2048, seconds: float = 1.0,
+                            dtype: torch.dtype = torch.float32) -> float:
+    """Measured matmul rate of this device in ``dtype`` (FLOP/s, FLOP = 2 x MAC)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -112,7 +116,7 @@ def unit_function(entry: Entry, distiller) -> Callable[[int], object]:
     return distiller.step
 
 
-def run_entry(entry: Entry, args: argparse.Namespace, matmul_rate: float) -> dict:
+def run_entry(entry: Entry, args: argparse.Namespace, matmul_rate: float, precision_rate: float) -> dict:
     device = resolve_device(args.device)
     real = load_dataset(entry.dataset, root=args.data_root, device=device)
     settings = {**entry.settings, "precision": args.precision}
@@ -146,6 +150,7 @@ def run_entry(entry: Entry, args: argparse.Namespace, matmul_rate: float) -> dic
         "seconds_max": max(times), "seconds_all": times,
         "per_second": 1.0 / median, "flops": flops, "flops_per_second": flops / median,
         "matmul_flops_per_second": matmul_rate, "efficiency": flops / median / matmul_rate,
+        "matmul_flops_per_second_precision": precision_rate, "efficiency_precision": flops / median / precision_rate,
         "peak_memory_bytes": memory.peak_bytes, "reference": entry.reference,
         "environment": environment(), **budget_accuracy(entry, cfg, real, args, device),
     }
@@ -182,8 +187,11 @@ def markdown_table(rows: list[dict]) -> str:
     env = rows[0]["environment"] if rows else {}
     rate = rows[0]["matmul_flops_per_second"] / 1e9 if rows else 0
     machine = env.get("cuda") or env.get("processor")
-    lines.append(f"\n{machine}, {env.get('threads')} threads, torch {env.get('torch')}; "
-                 f"measured fp32 matmul {rate:.0f} GFLOP/s.")
+    precision = rows[0].get("precision", "fp32") if rows else "fp32"
+    own = rows[0].get("matmul_flops_per_second_precision", 0) / 1e9 if rows else 0
+    own_rate = f", {precision} {own:.0f} GFLOP/s" if precision != "fp32" else ""
+    lines.append(f"\n{machine}, {env.get('threads')} threads, torch {env.get('torch')}, {precision}; "
+                 f"measured fp32 matmul {rate:.0f} GFLOP/s{own_rate}.")
     return "\n".join(lines) + "\n"
 
 
@@ -215,12 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown entries {unknown}; see --list")
     entries = [e for e in ENTRIES if (e.name in args.only if args.only else (e.quick or not args.quick))]
     device = resolve_device(args.device)
+    if args.precision not in PRECISION_DTYPES:
+        p.error(f"unknown precision {args.precision!r}; use fp32, bf16 or fp16")
     rate = matmul_flops_per_second(device)
-    print(f"fp32 matmul on {device}: {rate / 1e9:.0f} GFLOP/s", flush=True)
+    precision_rate = rate if args.precision == "fp32" else matmul_flops_per_second(
+        device, dtype=PRECISION_DTYPES[args.precision])
+    print(f"matmul on {device}: fp32 {rate / 1e9:.0f} GFLOP/s, {args.precision} {precision_rate / 1e9:.0f} GFLOP/s",
+          flush=True)
     out = Path(args.out)
     rows = []
     for entry in entries:
-        row = run_entry(entry, args, rate)
+        row = run_entry(entry, args, rate, precision_rate)
         suffix = "" if args.precision == "fp32" else f"-{args.precision}"
         save_json(row, out / f"{entry.name}{suffix}-{device.type}.json")
         rows.append(row)

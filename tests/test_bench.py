@@ -28,6 +28,16 @@ def test_bench_writes_json_and_table(tmp_path):  # fixture MNIST from DDLIB_DATA
     assert "datadam-mnist-ipc10" in table and "dd-mnist-ipc10" in table
 
 
+def test_bench_at_bf16_measures_the_bf16_matmul_rate_too(tmp_path):  # fixture MNIST from DDLIB_DATA (conftest)
+    code = main(["--only", "dd-mnist-ipc10", "--warmup", "0", "--repeats", "1", "--device", "cpu",
+                 "--precision", "bf16", "--out", str(tmp_path)])
+    assert code == 0
+    row = json.loads((tmp_path / "dd-mnist-ipc10-bf16-cpu.json").read_text())
+    assert row["precision"] == "bf16" and row["settings"]["precision"] == "bf16"
+    assert row["matmul_flops_per_second_precision"] > 0 and row["efficiency_precision"] > 0
+    assert "bf16" in (tmp_path / "table-cpu.md").read_text()
+
+
 def test_trajectory_entry_trains_experts_and_reports_budget_accuracy(tmp_path):
     cache = tmp_path / "experts"
     code = main(["--only", "mtt-mnist-ipc10-n10-b50", "--warmup", "0", "--repeats", "1", "--device", "cpu",
