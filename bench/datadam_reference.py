@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     real = load_dataset(args.dataset, args.data_root)
     overrides = {k: v for k, v in (("power", args.power), ("norm", args.norm)) if v is not None}
-    cfg = make_config("datadam", ipc=args.ipc, batch_real=args.batch_real, **overrides)
+    cfg = make_config("datadam", ipc=args.ipc, batch_real=args.batch_real, precision=args.precision,
+                      **overrides)
     ours = get_method("datadam")(real, cfg, seed=0)
     net = _build_network(cfg, real.channels, real.num_classes, real.image_size, torch.device("cpu"))
     net.requires_grad_(False).train()
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     times = side_by_side.time_alternately({"reference": reference, "ddlib": ours.step},
                                           args.accuracy_iterations or args.repeats + 1)
     report = {"dataset": args.dataset, "ipc": args.ipc, "batch_real": args.batch_real, "threads": args.threads,
-              "power": cfg.power, "mmd_weight": cfg.mmd_weight, "norm": cfg.norm,
+              "precision": args.precision, "power": cfg.power, "mmd_weight": cfg.mmd_weight, "norm": cfg.norm,
               "dsa_strategy": ours.dsa.strategy if ours.dsa else None}
     if args.accuracy_iterations:
         mine = ours.synthetic_set()

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from ddlib.rng import generator
 
     real = load_dataset(args.dataset, args.data_root)
-    cfg = make_config("dc", ipc=args.ipc, batch_real=args.batch_real, init=args.init, class_grads="loop")
+    cfg = make_config("dc", ipc=args.ipc, batch_real=args.batch_real, init=args.init, class_grads="loop",
+                      precision=args.precision)
     ours = get_method("dc")(real, cfg, seed=0)
     outer, inner = ours.outer, ours.inner
     net = get_network(cfg.model, real.channels, real.num_classes, real.image_size)
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     times = side_by_side.time_alternately({"reference": reference, "ddlib": ours.step if whole else ddlib_outer_step},
                                           args.accuracy_iterations or args.repeats + 1)
     report = {"dataset": args.dataset, "ipc": args.ipc, "batch_real": args.batch_real, "init": args.init,
-              "outer_steps": outer, "inner_epochs": inner, "threads": args.threads}
+              "outer_steps": outer, "inner_epochs": inner, "threads": args.threads, "precision": args.precision}
     if whole:
         mine = ours.synthetic_set()
         theirs = SyntheticSet(images.detach().clone(), mine.labels, None, {**mine.meta, "method": "dc-reference"})

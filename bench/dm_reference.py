@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from ddlib.rng import generator
 
     real = load_dataset(args.dataset, args.data_root)
-    cfg = make_config("dm", ipc=args.ipc, batch_real=args.batch_real)
+    cfg = make_config("dm", ipc=args.ipc, batch_real=args.batch_real, precision=args.precision)
     ours = get_method("dm")(real, cfg, seed=0)
     net = get_network(cfg.model, real.channels, real.num_classes, real.image_size).requires_grad_(False).train()
     images = ours.images.detach().clone().requires_grad_(True)  # both sides start from the same images
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     times = side_by_side.time_alternately({"reference": reference, "ddlib": ours.step},
                                           args.accuracy_iterations or args.repeats + 1)
     report = {"dataset": args.dataset, "ipc": args.ipc, "batch_real": args.batch_real, "threads": args.threads,
-              "dsa_strategy": ours.dsa.strategy if ours.dsa else None}
+              "precision": args.precision, "dsa_strategy": ours.dsa.strategy if ours.dsa else None}
     if args.accuracy_iterations:
         mine = ours.synthetic_set()
         theirs = SyntheticSet(images.detach().clone(), mine.labels, None, {**mine.meta, "method": "dm-reference"})

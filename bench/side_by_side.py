@@ -31,6 +31,8 @@ def parser(prog: str, doc: str, *, unit: str, repeats: int) -> argparse.Argument
     p.add_argument("--batch-real", type=int, default=256)
     p.add_argument("--repeats", type=int, default=repeats, help=f"timed {unit}s of each (after one warm-up)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", default="fp32",
+                   help="ddlib's side only (fp32 | bf16 | fp16): the official codes run in fp32")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--accuracy-iterations", type=int, default=0,
                    help="accuracy mode: run this many whole iterations of each side, then evaluate both")
@@ -92,6 +94,7 @@ def write_report(report: dict, times: dict[str, list[float]], path: Path, unit: 
 
 
 def report_path(args: argparse.Namespace, method: str) -> Path:
-    """``<out>/<method>-reference-ipc<IPC>[-acc<K>]-cpu.json``."""
+    """``<out>/<method>-reference-ipc<IPC>[-acc<K>][-<precision>]-cpu.json``."""
     suffix = f"-acc{args.accuracy_iterations}" if args.accuracy_iterations else ""
+    suffix += f"-{args.precision}" if args.precision != "fp32" else ""
     return Path(args.out) / f"{method}-reference-ipc{args.ipc}{suffix}-cpu.json"
