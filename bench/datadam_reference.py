@@ -13,8 +13,8 @@ ReLU output but the last and the embeddings matched by class means (SAM + lambda
 of the images (lr 1, momentum 0.5). The network and the DSA are ddlib's (the paper's InstanceNorm ConvNet and p
 = 4, ddlib's defaults; the released code uses BatchNorm and p = 1), so the ratio measures the loop and the
 passes (``--norm batch --power 1`` times the released code's settings). ddlib's ``DataDAM.step`` does the same
-work. Both run alternately in one process on the same threads
-(``bench.side_by_side``). Writes ``<out>/datadam-reference-ipc<IPC>[-acc<K>]-cpu.json``. Not run by the tests.
+work. Both run alternately in one process on the same threads (``bench.side_by_side``). Writes
+``<out>/datadam[-power<p>][-<norm>]-reference-ipc<IPC>[-acc<K>][-<precision>]-cpu.json``. Not run by the tests.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench import side_by_side
-from ddlib.synset import SyntheticSet
 
 
 def relu_outputs(net: nn.Module) -> list[Tensor]:
@@ -113,13 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"dataset": args.dataset, "ipc": args.ipc, "batch_real": args.batch_real, "threads": args.threads,
               "precision": args.precision, "power": cfg.power, "mmd_weight": cfg.mmd_weight, "norm": cfg.norm,
               "dsa_strategy": ours.dsa.strategy if ours.dsa else None}
-    if args.accuracy_iterations:
-        mine = ours.synthetic_set()
-        theirs = SyntheticSet(images.detach().clone(), mine.labels, None, {**mine.meta, "method": "datadam-reference"})
-        report["iterations"] = args.accuracy_iterations
-        report["accuracy"] = side_by_side.paired_accuracy({"reference": theirs, "ddlib": mine}, real, args)
     name = "datadam" + "".join(f"-{k}{v:g}" if k == "power" else f"-{v}" for k, v in overrides.items())
-    side_by_side.write_report(report, times, side_by_side.report_path(args, name), "iteration")
+    side_by_side.finish(args, report, times, name=name, unit="iteration", ours=ours, reference_images=images,
+                        real=real)
     return 0
 
 

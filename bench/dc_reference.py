@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench import side_by_side
-from ddlib.synset import SyntheticSet
 
 
 def layerwise_distance(g_syn: list[Tensor], g_real: list[Tensor]) -> Tensor:
@@ -120,12 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                                           args.accuracy_iterations or args.repeats + 1)
     report = {"dataset": args.dataset, "ipc": args.ipc, "batch_real": args.batch_real, "init": args.init,
               "outer_steps": outer, "inner_epochs": inner, "threads": args.threads, "precision": args.precision}
-    if whole:
-        mine = ours.synthetic_set()
-        theirs = SyntheticSet(images.detach().clone(), mine.labels, None, {**mine.meta, "method": "dc-reference"})
-        report["iterations"] = args.accuracy_iterations
-        report["accuracy"] = side_by_side.paired_accuracy({"reference": theirs, "ddlib": mine}, real, args)
-    side_by_side.write_report(report, times, side_by_side.report_path(args, "dc"), unit)
+    side_by_side.finish(args, report, times, name="dc", unit=unit, ours=ours, reference_images=images, real=real)
     return 0
 
 

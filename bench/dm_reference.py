@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from bench import side_by_side
-from ddlib.synset import SyntheticSet
 
 
 def reference_iteration(net: nn.Module, images: Tensor, image_opt: torch.optim.Optimizer, real, batch_real: int,
@@ -69,12 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                                           args.accuracy_iterations or args.repeats + 1)
     report = {"dataset": args.dataset, "ipc": args.ipc, "batch_real": args.batch_real, "threads": args.threads,
               "precision": args.precision, "dsa_strategy": ours.dsa.strategy if ours.dsa else None}
-    if args.accuracy_iterations:
-        mine = ours.synthetic_set()
-        theirs = SyntheticSet(images.detach().clone(), mine.labels, None, {**mine.meta, "method": "dm-reference"})
-        report["iterations"] = args.accuracy_iterations
-        report["accuracy"] = side_by_side.paired_accuracy({"reference": theirs, "ddlib": mine}, real, args)
-    side_by_side.write_report(report, times, side_by_side.report_path(args, "dm"), "iteration")
+    side_by_side.finish(args, report, times, name="dm", unit="iteration", ours=ours, reference_images=images,
+                        real=real)
     return 0
 
 

@@ -32,6 +32,7 @@ from ddlib.data import load_dataset
 from ddlib.evaluate import evaluate_synset
 from ddlib.io import atomic_write, save_json
 from ddlib.methods import distill_with, get_method, make_config
+from ddlib.methods.base import PRECISION_DTYPES
 from ddlib.metrics import PeakMemory
 from ddlib.trajectory import ExpertConfig, train_experts
 from ddlib.utils import environment, resolve_device
@@ -89,9 +90,6 @@ ENTRIES = [
     Entry("pad-mnist-ipc10", "pad", "mnist", dict(ipc=10, syn_steps=10, batch_syn=100, expert_epochs=2,
           current_max_start_epoch=2, max_start_epoch=4), experts=TINY_EXPERTS, quick=False),
 ]
-
-
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def matmul_flops_per_second(device: torch.device, size: int = 2048, seconds: float = 1.0,

@@ -1,4 +1,5 @@
-"""The harness shared by the side-by-side benchmarks (``bench.dc_reference``, ``bench.dm_reference``).
+"""The harness shared by the side-by-side benchmarks (``bench.dc_reference``, ``bench.dm_reference``,
+``bench.datadam_reference``).
 
 Each of those re-states an official method's loop in plain PyTorch (the official code is not vendored) and
 runs it alternately with ddlib's version of the same work, in one process on the same threads, so a change
@@ -91,6 +92,19 @@ def write_report(report: dict, times: dict[str, list[float]], path: Path, unit: 
     print(f"median s/{unit}: reference {medians['reference']:.2f}, ddlib {medians['ddlib']:.2f} "
           f"(ratio {report['ratio_ddlib_to_reference']:.2f}) -> {path}", flush=True)
     return report
+
+
+def finish(args: argparse.Namespace, report: dict, times: dict[str, list[float]], *, name: str, unit: str,
+           ours, reference_images, real) -> dict:
+    """In accuracy mode, evaluate ddlib's set (``ours``, a Distiller) and the reference's images (same labels and
+    metadata) with ``paired_accuracy``; then write the report to ``report_path(args, name)``."""
+    if args.accuracy_iterations:
+        mine = ours.synthetic_set()
+        theirs = SyntheticSet(reference_images.detach().clone(), mine.labels, None,
+                              {**mine.meta, "method": f"{name}-reference"})
+        report["iterations"] = args.accuracy_iterations
+        report["accuracy"] = paired_accuracy({"reference": theirs, "ddlib": mine}, real, args)
+    return write_report(report, times, report_path(args, name), unit)
 
 
 def report_path(args: argparse.Namespace, method: str) -> Path:

@@ -95,13 +95,14 @@ def init_images(real: RealSet, images_per_class: int, init: str, rng: torch.Gene
     return real.normalise(x)
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast_context(device: torch.device, precision: str):
     """Autocast for the network passes ("fp32" disables it). bf16 works on CPUs and GPUs; fp16 on GPUs."""
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
+    if precision not in PRECISION_DTYPES:
         raise ValueError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
-    dtype = dtypes[precision]
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision], enabled=precision != "fp32")
 
 
 ClassLoss = Callable[[Tensor, slice], dict[str, Tensor]]
