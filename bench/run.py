@@ -32,10 +32,9 @@ from ddlib.data import load_dataset
 from ddlib.evaluate import evaluate_synset
 from ddlib.io import atomic_write, save_json
 from ddlib.methods import distill_with, get_method, make_config
-from ddlib.methods.base import PRECISION_DTYPES
 from ddlib.metrics import PeakMemory
 from ddlib.trajectory import ExpertConfig, train_experts
-from ddlib.utils import environment, resolve_device
+from ddlib.utils import PRECISION_DTYPES, environment, resolve_device
 
 
 @dataclass

@@ -20,7 +20,7 @@ from ddlib.metrics import PeakMemory, classification_metrics, count_flops, mean_
 from ddlib.models import get_network, has_batchnorm
 from ddlib.rng import generator
 from ddlib.synset import SyntheticSet
-from ddlib.utils import pass_size, progress
+from ddlib.utils import autocast_context, pass_size, progress
 
 __all__ = ["Protocol", "PROTOCOLS", "get_protocol", "EvalResult", "train_network", "test_network",
            "evaluate", "evaluate_synset", "evaluate_full", "evaluate_snapshots", "DatasetMismatchError"]
@@ -143,10 +143,12 @@ def _augmenter(protocol: Protocol, dsa_strategy: str):
 def train_network(net: nn.Module, images: Tensor, labels: Tensor, protocol: Protocol, *,
                   rng: torch.Generator, lr: float | None = None,
                   dsa_strategy: str = "color_crop_cutout_flip_scale_rotate",
-                  show_progress: bool = False) -> nn.Module:
+                  show_progress: bool = False, precision: str = "fp32") -> nn.Module:
     """Train ``net`` in place on ``images`` [N, C, H, W] with ``labels`` [N] (or soft [N, K]).
 
     Shuffling and augmentation draw from ``rng`` (a CPU generator). ``lr`` overrides the protocol's.
+    ``precision`` autocasts the forward passes (the weights and their updates stay fp32); fp16 scales the
+    loss so that small gradients do not underflow.
     """
     base_lr = protocol.lr if lr is None else float(lr)
     augment = _augmenter(protocol, dsa_strategy)
@@ -158,6 +160,8 @@ def train_network(net: nn.Module, images: Tensor, labels: Tensor, protocol: Prot
     # Gradient accumulation over cache-sized slices on a CPU: the same gradient (up to float rounding),
     # ~1.5x faster for ConvNets. BatchNorm nets train on whole batches (their statistics depend on them).
     split = protocol.batch_size if has_batchnorm(net) else pass_size(device, protocol.batch_size)
+    autocast = lambda: autocast_context(device, precision)  # noqa: E731
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     net.train()
     for epoch in progress(range(epochs), desc="train", enable=show_progress):
         if protocol.schedule == "cosine":
@@ -169,8 +173,11 @@ def train_network(net: nn.Module, images: Tensor, labels: Tensor, protocol: Prot
             x, y = augment(images[idx], rng), labels[idx]
             optimizer.zero_grad(set_to_none=True)
             for part_x, part_y in zip(x.split(split), y.split(split)):
-                (_loss(net(part_x), part_y) * (part_x.shape[0] / x.shape[0])).backward()
-            optimizer.step()
+                with autocast():
+                    loss = _loss(net(part_x), part_y) * (part_x.shape[0] / x.shape[0])
+                scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         if protocol.schedule == "step" and epoch == protocol.epochs // 2 + 1:
             optimizer = make_opt(base_lr * 0.1)  # a fresh optimiser, as the official code (momentum reset)
     return net

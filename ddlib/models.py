@@ -113,7 +113,10 @@ class Pool2d(nn.Module):
             return x
         if self.kind == "max" and torch.is_grad_enabled():
             return F.max_pool2d(x, 2, 2)  # its backward beats the slices' (the forward does not)
-        return _pool_2x2(x, torch.add if self.kind == "avg" else torch.maximum, 0.25 if self.kind == "avg" else 1.0)
+        if self.kind == "max":
+            return _pool_2x2(x, torch.maximum, 1.0)
+        x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2] if x.shape[-2] % 2 or x.shape[-1] % 2 else x
+        return _AvgPool2x2.apply(x)
 
     def extra_repr(self) -> str:
         return self.kind
@@ -126,6 +129,33 @@ def _pool_2x2(x: Tensor, combine: Callable[[Tensor, Tensor], Tensor], scale: flo
     rows = combine(x[..., 0::2, :], x[..., 1::2, :])
     out = combine(rows[..., 0::2], rows[..., 1::2])
     return out * scale if scale != 1.0 else out
+
+
+class _AvgPool2x2(torch.autograd.Function):
+    """2x2/2 average pooling of an even-sized map with a one-write backward.
+
+    Autograd through the slices of ``_pool_2x2`` zero-fills and scatters a full-size gradient per slice,
+    twice the cost of the forward; the gradient is just each output gradient / 4 copied to its 2x2 block.
+    Linear, so its backward and jvp are pooling ops again: double backward (DC), ``vmap`` and forward-mode AD
+    (DC's batched HVPs) work through it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return _pool_2x2(x, torch.add, 0.25)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return (grad * 0.25).repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return _pool_2x2(tangent, torch.add, 0.25)
 
 
 def make_pool(kind: str) -> nn.Module:

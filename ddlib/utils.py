@@ -10,7 +10,7 @@ from typing import Any, Iterable, TypeVar
 import torch
 
 __all__ = ["resolve_device", "progress", "progress_enabled", "pass_size", "CPU_PASS_IMAGES", "cpu_name",
-           "environment"]
+           "environment", "PRECISION_DTYPES", "autocast_context"]
 
 # Images per network pass on a CPU: the first block's maps of ~32 MNIST/CIFAR images (128 channels,
 # 32 x 32) stay in cache, which makes the memory-bound norms, activations and poolings ~1.5-2x faster.
@@ -27,6 +27,16 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     return device
+
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(device: torch.device, precision: str):
+    """Autocast for the network passes ("fp32" disables it). bf16 works on CPUs and GPUs; fp16 on GPUs."""
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision], enabled=precision != "fp32")
 
 
 def pass_size(device: torch.device, batch: int, override: int = 0) -> int:

@@ -77,3 +77,20 @@ def test_mismatched_dataset_is_refused(digits):
     subset = select_random(digits, 1, seed=0)
     with pytest.raises(DatasetMismatchError, match="image_size"):
         evaluate_synset(subset, other, protocol=get_protocol("dc", epochs=1), num_eval=1)
+
+
+def test_training_in_bf16_keeps_fp32_weights_and_follows_fp32(digits):
+    """``precision="bf16"`` autocasts the passes only: the weights stay fp32 and end close to fp32 training's."""
+    x, y = digits.train_images[:40], digits.train_labels[:40]
+    protocol = get_protocol("dc", epochs=10, augment="none", batch_size=20)
+    nets = {p: get_network("convnet", 1, 10, 8, seed=0, width=8, depth=1) for p in ("fp32", "bf16")}
+    start = [w.detach().clone() for w in nets["fp32"].parameters()]
+    for precision, net in nets.items():
+        train_network(net, x, y, protocol, rng=generator(0), precision=precision)
+    aparts = []
+    for w0, w32, w16 in zip(start, nets["fp32"].parameters(), nets["bf16"].parameters()):
+        assert w16.dtype == torch.float32
+        moved, apart = (w32 - w0).norm(), (w16 - w32).norm()
+        assert moved > 0 and apart < 0.1 * moved  # bf16 rounding, not a different training
+        aparts.append(apart)
+    assert max(aparts) > 0  # the passes did run in bf16

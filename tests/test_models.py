@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import functional_call, grad, jvp, vmap
 
 from ddlib.models import Pool2d, get_network, init_parameters_, list_models, register_model
 
@@ -202,6 +202,21 @@ def test_pool_passes_one_pixel_maps_through() -> None:
     x = torch.ones(2, 4, 1, 5)
     assert torch.equal(Pool2d("avg")(x), x)
     assert Pool2d("max")(torch.ones(2, 4, 3, 5)).shape == (2, 4, 1, 2)
+
+
+@pytest.mark.parametrize("height, width", [(8, 8), (9, 7)])
+def test_avg_pool_is_avg_pool2d_through_every_transform(height: int, width: int) -> None:
+    """The avg pooling's own backward and jvp: values, first and second derivatives, vmap and forward-mode AD
+    (DC's double backward and batched HVPs) all equal ``F.avg_pool2d``'s."""
+    pool = Pool2d("avg")
+    x = torch.randn(2, 3, height, width, dtype=torch.double, requires_grad=True)
+    torch.testing.assert_close(pool(x), F.avg_pool2d(x, 2))
+    assert torch.autograd.gradcheck(pool, (x,)) and torch.autograd.gradgradcheck(pool, (x,))
+    batch, tangent = torch.randn(4, 2, 3, height, width, dtype=torch.double), torch.randn_like(x)
+    ours, ref = (lambda x: pool(x).sin().sum()), (lambda x: F.avg_pool2d(x, 2).sin().sum())
+    torch.testing.assert_close(vmap(grad(ours))(batch), vmap(grad(ref))(batch))
+    torch.testing.assert_close(jvp(grad(ours), (x.detach(),), (tangent,))[1],
+                               jvp(grad(ref), (x.detach(),), (tangent,))[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -24,7 +24,7 @@ from ddlib.metrics import PeakMemory
 from ddlib.models import has_batchnorm
 from ddlib.rng import generator
 from ddlib.synset import SyntheticSet, class_labels
-from ddlib.utils import pass_size, progress
+from ddlib.utils import autocast_context, pass_size, progress
 
 __all__ = ["DistillConfig", "Distiller", "DivergenceError", "INITS", "init_images", "distill_with",
            "autocast_context"]
@@ -93,16 +93,6 @@ def init_images(real: RealSet, images_per_class: int, init: str, rng: torch.Gene
     value = pixels[init]
     x = torch.rand(shape, generator=rng) if value is None else torch.full(shape, value)
     return real.normalise(x)
-
-
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast_context(device: torch.device, precision: str):
-    """Autocast for the network passes ("fp32" disables it). bf16 works on CPUs and GPUs; fp16 on GPUs."""
-    if precision not in PRECISION_DTYPES:
-        raise ValueError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
-    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision], enabled=precision != "fp32")
 
 
 ClassLoss = Callable[[Tensor, slice], dict[str, Tensor]]

@@ -59,8 +59,10 @@ class DataDAMConfig(DistillConfig):
 
 
 def attention_map(feature: Tensor, power: float) -> Tensor:
-    """Spatial attention [B, C, H, W] -> [B, H*W]: ``sum_c |F|^p`` flattened, every row L2-normalised."""
-    return F.normalize(_abs_power(feature.float(), power).sum(dim=1).flatten(1), dim=1)
+    """Spatial attention [B, C, H, W] -> [B, H*W]: ``sum_c |F|^p`` flattened, every row L2-normalised.
+
+    ``|F|^p`` stays in the map's dtype (bf16 under autocast: no full-size cast) and is summed in fp32."""
+    return F.normalize(_abs_power(feature, power).sum(dim=1, dtype=torch.float32).flatten(1), dim=1)
 
 
 def _abs_power(x: Tensor, power: float) -> Tensor:

@@ -322,7 +322,8 @@ class DC(Distiller):
             self.share_images()
             net.train()
             train_network(net, self.images.detach(), self.labels, self.inner_protocol,
-                          rng=self.rng("inner", iteration, outer), dsa_strategy=self._dsa_strategy())
+                          rng=self.rng("inner", iteration, outer), dsa_strategy=self._dsa_strategy(),
+                          precision=cfg.precision)
         return {key: value.detach() for key, value in parts.items()}
 
     def _dsa_strategy(self) -> str:
