@@ -45,7 +45,7 @@ def parser(prog: str, doc: str, *, unit: str, repeats: int) -> argparse.Argument
 
 def time_alternately(sides: dict[str, Unit], reps: int, warmup: int = 1) -> dict[str, list[float]]:
     """Run each side's unit in turn for ``reps`` repeats; seconds per side (and per named part, as
-    ``<side>_<part>``) of every repeat after the first ``warmup``."""
+    ``<side>_<part>``, for a unit that returns {part: seconds}) of every repeat after the first ``warmup``."""
     times: dict[str, list[float]] = {name: [] for name in sides}
     for rep in range(reps):
         line = []
@@ -53,7 +53,8 @@ def time_alternately(sides: dict[str, Unit], reps: int, warmup: int = 1) -> dict
             start = time.perf_counter()
             returned = unit(rep)
             seconds = time.perf_counter() - start
-            parts = (returned or {}) if name == "reference" else {}
+            # Timed parts are plain floats; a distiller's step returns its loss tensors, which are not timings.
+            parts = {k: v for k, v in (returned or {}).items() if isinstance(v, float)}
             line.append(f"{name} {seconds:.2f} s" + "".join(f" ({k} {v:.2f})" for k, v in parts.items()))
             if rep >= warmup:
                 times[name].append(seconds)
