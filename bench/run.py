@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISION_DTYPES))
     p.add_argument("--out", default="results/bench", help="folder for the JSON files and table.md")
     p.add_argument("--list", action="store_true", help="print the entries and exit")
     p.add_argument("--experts-cache", default="runs/bench-experts", help="where trajectory entries keep experts")
@@ -220,8 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown entries {unknown}; see --list")
     entries = [e for e in ENTRIES if (e.name in args.only if args.only else (e.quick or not args.quick))]
     device = resolve_device(args.device)
-    if args.precision not in PRECISION_DTYPES:
-        p.error(f"unknown precision {args.precision!r}; use fp32, bf16 or fp16")
     rate = matmul_flops_per_second(device)
     precision_rate = rate if args.precision == "fp32" else matmul_flops_per_second(
         device, dtype=PRECISION_DTYPES[args.precision])

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from ddlib.synset import SyntheticSet
+from ddlib.utils import PRECISION_DTYPES
 
 # one unit of a side: run it for repeat ``rep``; a reference side may return named sub-timings (seconds) of
 # its own parts; what a ddlib side returns (a step's losses) is ignored
@@ -32,8 +33,8 @@ def parser(prog: str, doc: str, *, unit: str, repeats: int) -> argparse.Argument
     p.add_argument("--batch-real", type=int, default=256)
     p.add_argument("--repeats", type=int, default=repeats, help=f"timed {unit}s of each (after one warm-up)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--precision", default="fp32",
-                   help="ddlib's side only (fp32 | bf16 | fp16): the official codes run in fp32")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISION_DTYPES),
+                   help="ddlib's side only: the official codes run in fp32")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--accuracy-iterations", type=int, default=0,
                    help="accuracy mode: run this many whole iterations of each side, then evaluate both")

@@ -160,7 +160,6 @@ def train_network(net: nn.Module, images: Tensor, labels: Tensor, protocol: Prot
     # Gradient accumulation over cache-sized slices on a CPU: the same gradient (up to float rounding),
     # ~1.5x faster for ConvNets. BatchNorm nets train on whole batches (their statistics depend on them).
     split = protocol.batch_size if has_batchnorm(net) else pass_size(device, protocol.batch_size)
-    autocast = lambda: autocast_context(device, precision)  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     net.train()
     for epoch in progress(range(epochs), desc="train", enable=show_progress):
@@ -173,7 +172,7 @@ def train_network(net: nn.Module, images: Tensor, labels: Tensor, protocol: Prot
             x, y = augment(images[idx], rng), labels[idx]
             optimizer.zero_grad(set_to_none=True)
             for part_x, part_y in zip(x.split(split), y.split(split)):
-                with autocast():
+                with autocast_context(device, precision):
                     loss = _loss(net(part_x), part_y) * (part_x.shape[0] / x.shape[0])
                 scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -113,31 +113,29 @@ class Pool2d(nn.Module):
             return x
         if self.kind == "max" and torch.is_grad_enabled():
             return F.max_pool2d(x, 2, 2)  # its backward beats the slices' (the forward does not)
-        if self.kind == "max":
-            return _pool_2x2(x, torch.maximum, 1.0)
-        x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2] if x.shape[-2] % 2 or x.shape[-1] % 2 else x
-        return _AvgPool2x2.apply(x)
+        if x.shape[-2] % 2 or x.shape[-1] % 2:  # odd edges dropped, as the torch poolings do
+            x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+        return _pool_2x2(x, torch.maximum, 1.0) if self.kind == "max" else _AvgPool2x2.apply(x)
 
     def extra_repr(self) -> str:
         return self.kind
 
 
 def _pool_2x2(x: Tensor, combine: Callable[[Tensor, Tensor], Tensor], scale: float) -> Tensor:
-    """2x2/2 pooling from strided slices: same values as ``F.avg_pool2d``/``F.max_pool2d`` (odd edges
-    dropped) but 4-10x faster on NCHW maps on a CPU, where the pooling kernels are not vectorised."""
-    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+    """2x2/2 pooling of an even-sized map from strided slices: same values as ``F.avg_pool2d``/``F.max_pool2d``
+    but 4-10x faster on NCHW maps on a CPU, where the pooling kernels are not vectorised."""
     rows = combine(x[..., 0::2, :], x[..., 1::2, :])
     out = combine(rows[..., 0::2], rows[..., 1::2])
     return out * scale if scale != 1.0 else out
 
 
 class _AvgPool2x2(torch.autograd.Function):
-    """2x2/2 average pooling of an even-sized map with a one-write backward.
+    """2x2/2 average pooling of an even-sized map whose backward copies each output gradient / 4 to its 2x2 block.
 
     Autograd through the slices of ``_pool_2x2`` zero-fills and scatters a full-size gradient per slice,
-    twice the cost of the forward; the gradient is just each output gradient / 4 copied to its 2x2 block.
-    Linear, so its backward and jvp are pooling ops again: double backward (DC), ``vmap`` and forward-mode AD
-    (DC's batched HVPs) work through it."""
+    twice the cost of the forward. Linear, so its backward (the copy) and jvp (the pooling of the tangent)
+    are plain differentiable ops: double backward (DC), ``vmap`` and forward-mode AD (DC's batched HVPs)
+    work through it."""
 
     generate_vmap_rule = True
 

@@ -26,8 +26,7 @@ from ddlib.rng import generator
 from ddlib.synset import SyntheticSet, class_labels
 from ddlib.utils import autocast_context, pass_size, progress
 
-__all__ = ["DistillConfig", "Distiller", "DivergenceError", "INITS", "init_images", "distill_with",
-           "autocast_context"]
+__all__ = ["DistillConfig", "Distiller", "DivergenceError", "INITS", "init_images", "distill_with"]
 
 INITS = ("real", "noise", "uniform", "white", "black", "grey")
 
