@@ -62,6 +62,8 @@ class ExpertConfig:
     dsa_strategy: str = ""           # "" = the dataset's default strategy
     subset: int = 0                  # real images per class the experts see (0 = all), for CPU budgets
     half: bool = False               # store parameters as float16 (half the disk; matching runs in float32)
+    snapshots_per_epoch: int = 1     # parameters saved k times per epoch, evenly over its batches (MTT: 1);
+                                     # k > 1 gives nearer targets: the methods' epochs then count snapshots
     curriculum: bool = False         # PAD's easy-to-hard schedule over EL2N scores (the fields below)
     init_ratio: float = 0.75         # curriculum: easiest fraction of every class at epoch 0
     add_end_epoch: int = 20          # curriculum: epoch at which all data is in
@@ -92,6 +94,8 @@ class ExpertConfig:
             raise ValueError(f"unknown expert optimizer {self.optimizer!r}; use sgd (MTT) or gsam (DATM, PAD)")
         if self.num_experts < 1 or self.epochs < 1:
             raise ValueError(f"need num_experts >= 1 and epochs >= 1, got {self.num_experts} and {self.epochs}")
+        if self.snapshots_per_epoch < 1:
+            raise ValueError(f"need snapshots_per_epoch >= 1, got {self.snapshots_per_epoch}")
 
 
 class ExpertFileError(ValueError):
@@ -388,7 +392,9 @@ class _ExpertData:
 
 def _train_expert(real: RealSet, cfg: ExpertConfig, data: _ExpertData, i: int, seed: int,
                   device: torch.device) -> tuple[Tensor, float]:
-    """Expert ``i``: its trajectory [epochs + 1, P] (CPU, float32) and its final test accuracy."""
+    """Expert ``i``: its trajectory [epochs * snapshots_per_epoch + 1, P] (CPU, float32) and its final test
+    accuracy. Snapshot s of an epoch of B batches is taken after batch ceil(B s / k); where an epoch has
+    fewer batches than k, snapshots repeat (the trajectory keeps its length)."""
     from ddlib.evaluate import test_network
 
     net = get_network(cfg.model, real.channels, real.num_classes, real.image_size,
@@ -403,7 +409,10 @@ def _train_expert(real: RealSet, cfg: ExpertConfig, data: _ExpertData, i: int, s
     for epoch in range(cfg.epochs):
         positions = data.epoch_positions(epoch)
         positions = positions[torch.randperm(positions.numel(), generator=g)]
-        for batch in positions.split(cfg.batch_size):
+        batches = positions.split(cfg.batch_size)
+        ends = [-(-len(batches) * s // cfg.snapshots_per_epoch) for s in range(1, cfg.snapshots_per_epoch + 1)]
+        snapshots.extend(flat.flatten().cpu() for _ in range(ends.count(0)))
+        for b, batch in enumerate(batches, 1):
             batch = batch.to(device)
             x, y = data.images[batch], data.labels[batch]
             if dsa is not None:
@@ -415,7 +424,7 @@ def _train_expert(real: RealSet, cfg: ExpertConfig, data: _ExpertData, i: int, s
                 base.zero_grad(set_to_none=True)
                 loss_fn().backward()
                 base.step()
-        snapshots.append(flat.flatten().cpu())
+            snapshots.extend(flat.flatten().cpu() for _ in range(ends.count(b)))
     accuracy = test_network(net, real.test_images.to(device), real.test_labels.to(device))["accuracy"]
     return torch.stack(snapshots), accuracy
 
@@ -505,7 +514,13 @@ class Experts:
 
     @property
     def epochs(self) -> int:
+        """Snapshots after the start: the training epochs times ``snapshots_per_epoch``, the unit in which the
+        methods count start and target epochs."""
         return int(self.trajectories[0].shape[0]) - 1
+
+    @property
+    def snapshots_per_epoch(self) -> int:
+        return int(self.config.get("snapshots_per_epoch", 1))
 
     @property
     def num_params(self) -> int:
@@ -523,7 +538,9 @@ class Experts:
         cfg = self.config
         kind = ("curriculum" if cfg.get("curriculum") else "plain") + f", {cfg.get('optimizer', 'sgd')}"
         accs = [100 * a for a in self.test_accuracies]
-        return (f"{len(self)} experts ({kind}) in {self.directory}: {self.epochs} epochs, {self.num_params} "
+        k = self.snapshots_per_epoch
+        span = f"{self.epochs} epochs" if k == 1 else f"{self.epochs} snapshots ({k} per epoch)"
+        return (f"{len(self)} experts ({kind}) in {self.directory}: {span}, {self.num_params} "
                 f"parameters" + (f"; final test accuracy {min(accs):.2f} to {max(accs):.2f} %" if accs else ""))
 
 

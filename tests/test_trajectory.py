@@ -147,6 +147,21 @@ def test_experts_files_index_and_loading(digits, tmp_path):
     assert not torch.equal(experts[0][0], experts[0][-1])  # and move
 
 
+def test_snapshots_within_an_epoch_add_points_without_changing_the_trajectory(digits, tmp_path):
+    """k snapshots per epoch: k * epochs + 1 points whose every k-th is the once-per-epoch trajectory; with
+    fewer batches than k, snapshots repeat so that the length (and the methods' epoch arithmetic) holds."""
+    tiny = {**TINY, "batch_size": 16}  # 60 images: 4 batches per epoch
+    dense = {k: load_experts(train_experts(digits, ExpertConfig(num_experts=1, snapshots_per_epoch=k, **tiny),
+                                           tmp_path / f"k{k}", seed=0, show_progress=False)) for k in (1, 2, 8)}
+    assert dense[1].epochs == 2 and dense[2].epochs == 4 and dense[8].epochs == 16
+    assert dense[2].snapshots_per_epoch == 2 and "4 snapshots (2 per epoch)" in str(dense[2])
+    assert torch.equal(dense[2][0][::2], dense[1][0]) and torch.equal(dense[8][0][::8], dense[1][0])
+    assert not torch.equal(dense[2][0][1], dense[2][0][2])  # the half-epoch point is a point of its own
+    assert torch.equal(dense[8][0][1], dense[8][0][2])      # 4 batches, 8 snapshots: each one taken twice
+    with pytest.raises(ValueError, match="snapshots_per_epoch"):
+        ExpertConfig(snapshots_per_epoch=0)
+
+
 def test_ensure_experts_trains_once_then_reuses_the_shared_folder(digits, tmp_path, monkeypatch):
     cfg = ExpertConfig(num_experts=1, **TINY)
     folder = experts_folder(tmp_path / "experts", "digits", 8, cfg)

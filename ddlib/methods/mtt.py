@@ -42,7 +42,8 @@ class MTTConfig(DistillConfig):
     experts: str = ""                # folder of expert trajectories (`ddlib experts --out DIR`)
     max_experts: int = 0             # experts read from the folder (0 = all)
     syn_steps: int = 20              # N: student steps on the synthetic set per iteration
-    expert_epochs: int = 3           # M: the target is the expert M epochs after the start
+    expert_epochs: int = 3           # M: the target is the expert M epochs after the start (M snapshots
+                                     # for experts saved several times per epoch: `snapshots_per_epoch`)
     min_start_epoch: int = 0         # start epochs are drawn from [min_start_epoch, max_start_epoch - 1]
     max_start_epoch: int = 25        # T+: exclusive upper end of the start epoch
     lr_teacher: float = 0.01         # initial value of the learnable student lr (the experts' lr)
