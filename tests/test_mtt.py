@@ -62,6 +62,23 @@ def test_one_unrolled_step_is_a_manual_sgd_step(digits, experts):
     assert student.requires_grad  # differentiable w.r.t. the images and the lr
 
 
+@pytest.mark.parametrize("method", ["mtt", "datm"])
+def test_student_steps_in_slices_equal_whole_batch_steps(digits, experts, method):
+    """The unrolled student and the gradients it sends to the images, labels and lr do not depend on how each
+    student batch is sliced into passes (``chunk``): 20 images as one pass, as 7 + 7 + 6, as 20 ones."""
+    results = []
+    for chunk in (20, 7, 1):
+        d = build(method, digits, experts, syn_steps=2, batch_syn=0, chunk=chunk)
+        start = d.experts[0][1].float()
+        student = d.unroll(start, generator(0))
+        learnables = [t for _, t in d.learnables()]
+        results.append([student, *torch.autograd.grad(d.matching_loss(student, start, d.experts[0][2].float()),
+                                                      learnables)])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * a.abs().max().item())  # fp32 rounding
+
+
 def test_matching_loss_is_zero_on_the_target(digits, experts):
     d = build("mtt", digits, experts)
     start, target = d.experts[0][0].float(), d.experts[0][1].float()

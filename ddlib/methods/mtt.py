@@ -149,11 +149,22 @@ class MTT(Distiller):
             x = self.images[idx]
             if self.dsa is not None:
                 x = self.dsa(x, g)
-            with self.autocast():
-                logits = self.flat(params, x)
-            grad = torch.autograd.grad(self.inner_loss(logits.float(), idx), params, create_graph=True)[0]
-            params = params - lr * grad
+            params = params - lr * self.student_gradient(params, x, idx)
         return params
+
+    def student_gradient(self, params: Tensor, x: Tensor, idx: Tensor) -> Tensor:
+        """d inner_loss(student(x)) / d params [P], kept in the graph. ``x`` [B, C, H, W] goes through in
+        ``chunk_size`` slices (a CPU's cache-sized passes; one pass on a GPU), each slice's mean loss weighted
+        by its share of B: the same gradient, since the inner loss is a batch mean and the flat student has no
+        batch statistics."""
+        grad, batch = None, x.shape[0]
+        for part in torch.arange(batch, device=x.device).split(self.chunk_size(batch)):
+            with self.autocast():
+                logits = self.flat(params, x[part])
+            loss = self.inner_loss(logits.float(), idx[part]) * (part.numel() / batch)
+            part_grad = torch.autograd.grad(loss, params, create_graph=True)[0]
+            grad = part_grad if grad is None else grad + part_grad
+        return grad
 
     def batches(self, g: torch.Generator) -> list[Tensor]:
         """Index chunks for the ``syn_steps`` steps: consecutive chunks of random permutations of the set
