@@ -146,3 +146,16 @@ def test_datadam_reference_loss_is_ddlibs_loss_and_its_json_is_written(tmp_path,
                            "--out", str(tmp_path)]) == 0
     report = json.loads(next(tmp_path.glob("datadam-*reference-ipc1-cpu.json")).read_text())
     assert report["power"] == power and report["norm"] == norm and len(report["seconds"]["reference"]) == 1
+
+
+def test_mtt_chunks_alternates_both_settings_and_writes_its_json(tmp_path):  # fixture MNIST (conftest)
+    from bench.mtt_chunks import main as chunks_main
+    from ddlib.data import load_dataset
+    from ddlib.trajectory import ExpertConfig, train_experts
+
+    experts = train_experts(load_dataset("mnist"), ExpertConfig(num_experts=1, epochs=2, subset=2, batch_size=16),
+                            tmp_path / "experts", seed=0, show_progress=False)
+    report = chunks_main(["--experts", str(experts), "--syn-steps", "2", "--batch-syn", "40", "--repeats", "1",
+                          "--expert-epochs", "1", "--max-start-epoch", "1", "--out", str(tmp_path / "c.json")])
+    assert report["slice_images"] == 32 and set(report["median_seconds"]) == {"whole_batch", "slices"}
+    assert json.loads((tmp_path / "c.json").read_text())["ratio_slices_to_whole"] > 0
