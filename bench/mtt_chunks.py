@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
             distiller.step(rep)
         return unit
 
-    whole = args.batch_syn or 10 * real.num_classes
+    whole = args.batch_syn or distiller.images.shape[0]
     times = time_alternately({"whole_batch": side(whole), "slices": side(0)}, args.repeats, warmup=0)
     medians = {k: statistics.median(v) for k, v in times.items()}
     report = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,

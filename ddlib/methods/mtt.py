@@ -158,10 +158,11 @@ class MTT(Distiller):
         by its share of B: the same gradient, since the inner loss is a batch mean and the flat student has no
         batch statistics."""
         grad, batch = None, x.shape[0]
-        for part in torch.arange(batch, device=x.device).split(self.chunk_size(batch)):
+        size = self.chunk_size(batch)
+        for part_x, part_idx in zip(x.split(size), idx.split(size)):
             with self.autocast():
-                logits = self.flat(params, x[part])
-            loss = self.inner_loss(logits.float(), idx[part]) * (part.numel() / batch)
+                logits = self.flat(params, part_x)
+            loss = self.inner_loss(logits.float(), part_idx) * (part_x.shape[0] / batch)
             part_grad = torch.autograd.grad(loss, params, create_graph=True)[0]
             grad = part_grad if grad is None else grad + part_grad
         return grad
