@@ -79,6 +79,52 @@ def test_student_steps_in_slices_equal_whole_batch_steps(digits, experts, method
             assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * a.abs().max().item())  # fp32 rounding
 
 
+def matching_loss_and_grads(d):
+    """One unroll of ``d`` from expert 0's epoch 1 (fixed draws): the matching loss to epoch 2 and its gradients
+    w.r.t. the learnables (images, raw lr; DATM: soft labels)."""
+    start = d.experts[0][1].float()
+    loss = d.matching_loss(d.unroll(start, generator(0)), start, d.experts[0][2].float())
+    return [loss, *torch.autograd.grad(loss, [t for _, t in d.learnables()])]
+
+
+@pytest.mark.parametrize("method", ["mtt", "datm"])
+def test_recomputed_student_steps_equal_kept_graphs(digits, experts, method):
+    """``recompute_steps`` (each step checkpointed, redone in the backward with its DSA draw replayed) gives the
+    same matching loss and the same gradients to the images, the lr and DATM's labels as the kept graphs, with
+    student batches of 7 of the 20 images (DSA on); a replay that draws differently would not."""
+    kw = dict(syn_steps=4, batch_syn=7, dsa=True)
+    kept = matching_loss_and_grads(build(method, digits, experts, **kw))
+    d = build(method, digits, experts, recompute_steps=True, **kw)
+    recomputed = matching_loss_and_grads(d)
+    assert len(kept) == (4 if method == "datm" else 3)  # loss, images, raw lr (, labels)
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+    step_batch = d.step_batch  # the backward's replay shifted by one draw: the images' gradient changes
+
+    def shifted(idx, g):
+        if torch.is_grad_enabled():  # the backward's recomputation (a Function's forward runs without grad)
+            torch.rand(1, generator=g)
+        return step_batch(idx, g)
+
+    d.step_batch = shifted
+    assert not torch.allclose(matching_loss_and_grads(d)[1], kept[1], rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["mtt", "datm"])
+def test_recomputed_student_steps_give_the_same_iteration(digits, experts, method):
+    """One whole ``step()`` with ``recompute_steps`` moves the images, the lr and DATM's labels as without."""
+    extra = dict(threshold=float("inf")) if method == "datm" else {}  # DATM: no skipped update
+    runs = [build(method, digits, experts, recompute_steps=on, lr_img=1.0, **extra) for on in (False, True)]
+    before = [t.detach().clone() for _, t in runs[0].learnables()]
+    losses = [d.step(0)["loss"] for d in runs]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-6)
+    for start, (_, a), (_, b) in zip(before, runs[0].learnables(), runs[1].learnables()):
+        moved = a.detach() - start
+        assert moved.abs().max() > 0  # the update was applied
+        torch.testing.assert_close(b.detach() - start, moved, rtol=1e-4, atol=1e-5 * moved.abs().max().item())
+
+
 def test_matching_loss_is_zero_on_the_target(digits, experts):
     d = build("mtt", digits, experts)
     start, target = d.experts[0][0].float(), d.experts[0][1].float()

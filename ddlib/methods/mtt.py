@@ -7,8 +7,10 @@ mini-batches with a learnable learning rate, and minimises the normalised distan
 
 The unroll is ``torch.func.functional_call`` over the flat vector with ``torch.autograd.grad(...,
 create_graph=True)`` at every step, as the official code: memory grows linearly in syn_steps x batch_syn
-(the activations of every step are kept). The learned rate is ``lr_floor * softplus(raw / lr_floor)``:
-always positive, and moved like the official unconstrained rate while it is well above ``lr_floor``.
+(the activations of every step are kept); ``recompute_steps`` bounds it to one step's graph plus N parameter
+vectors for ~1.3x the time, redoing each step in the backward (``RecomputedStep``). The learned rate is
+``lr_floor * softplus(raw / lr_floor)``: always positive, and moved like the official unconstrained rate while
+it is well above ``lr_floor``.
 
 DATM (``datm.py``) and PAD (``pad.py``) subclass this and change the window, the labels and the loss.
 """
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ddlib.data import RealSet
 from ddlib.evaluate import get_protocol
@@ -29,7 +32,7 @@ from ddlib.models import get_network
 from ddlib.synset import SyntheticSet
 from ddlib.trajectory import Experts, FlatModel, load_experts, parameter_distance
 
-__all__ = ["MTTConfig", "MTT", "positive_lr", "raw_for_lr"]
+__all__ = ["MTTConfig", "MTT", "RecomputedStep", "positive_lr", "raw_for_lr"]
 
 
 @dataclass
@@ -51,6 +54,9 @@ class MTTConfig(DistillConfig):
     momentum_lr: float = 0.5         # SGD momentum of the learnable student lr
     lr_floor: float = 1e-4           # student lr = lr_floor * softplus(raw / lr_floor): positive by construction
     batch_syn: int = 0               # synthetic images per student step (0 = all); bounds the memory
+    recompute_steps: bool = False    # keep only each student step's parameters and redo its pass in the
+                                     # backward: memory ~ N x P floats + one step's graph instead of N steps'
+                                     # graphs, ~1.3x the time (RecomputedStep)
 
 
 def positive_lr(raw: Tensor, floor: float) -> Tensor:
@@ -145,15 +151,23 @@ class MTT(Distiller):
         """``syn_steps`` SGD steps from ``start`` [P] on synthetic mini-batches (DSA, i.i.d. per image);
         differentiable w.r.t. the images, the labels and the lr. Returns the student's parameters [P]."""
         params, lr = start.clone().requires_grad_(True), self.lr
+        if self.cfg.recompute_steps:  # the same steps and draws, each step's graph rebuilt in the backward
+            leaves = [t for _, t in self.learnables() if t is not self.raw_lr]  # images (DATM: + soft labels)
+            for idx in self.batches(g):
+                params = RecomputedStep.apply(self, g, idx, params, lr, *leaves)
+            return params
         for idx in self.batches(g):
-            x = self.images[idx]
-            if self.dsa is not None:
-                x = self.dsa(x, g)
-            params = params - lr * self.student_gradient(params, x, idx)
+            params = params - lr * self.student_gradient(params, self.step_batch(idx, g), idx)
         return params
 
-    def student_gradient(self, params: Tensor, x: Tensor, idx: Tensor) -> Tensor:
-        """d inner_loss(student(x)) / d params [P], kept in the graph. ``x`` [B, C, H, W] goes through in
+    def step_batch(self, idx: Tensor, g: torch.Generator) -> Tensor:
+        """The synthetic images ``idx`` [B] of one student step, DSA-augmented with draws from ``g`` [B, C, H, W]."""
+        x = self.images[idx]
+        return x if self.dsa is None else self.dsa(x, g)
+
+    def student_gradient(self, params: Tensor, x: Tensor, idx: Tensor, create_graph: bool = True) -> Tensor:
+        """d inner_loss(student(x)) / d params [P], kept in the graph unless ``create_graph`` is False (then
+        ``params`` must be a detached leaf and grad must be enabled). ``x`` [B, C, H, W] goes through in
         ``chunk_size`` slices (a CPU's cache-sized passes; one pass on a GPU), each slice's mean loss weighted
         by its share of B: the same gradient, since the inner loss is a batch mean and the flat student has no
         batch statistics."""
@@ -163,7 +177,7 @@ class MTT(Distiller):
             with self.autocast():
                 logits = self.flat(params, part_x)
             loss = self.inner_loss(logits.float(), part_idx) * (part_x.shape[0] / batch)
-            part_grad = torch.autograd.grad(loss, params, create_graph=True)[0]
+            part_grad = torch.autograd.grad(loss, params, create_graph=create_graph)[0]
             grad = part_grad if grad is None else grad + part_grad
         return grad
 
@@ -214,6 +228,45 @@ class MTT(Distiller):
         return synset
 
     eval_batch = 256  # the evaluation batch of the official code (MTT 256, DATM/PAD configs 128)
+
+
+class RecomputedStep(torch.autograd.Function):
+    """One checkpointed student step (``recompute_steps``): ``params - lr * d inner_loss / d params`` [P].
+
+    ``apply(distiller, g, idx, params [P], lr [], *leaves)``; ``leaves`` are the learned tensors the step reads
+    through the distiller (images [N, C, H, W]; DATM: soft labels [N, K]) and get their gradient here. The forward
+    takes the gradient without ``create_graph`` and saves only ``params``, ``idx`` [B] and ``g``'s state before
+    the step's DSA draw (draws then advance ``g`` as in the plain unroll); the backward replays the draw in a
+    fresh generator, rebuilds the step with ``create_graph=True`` and returns its vector-Jacobian products.
+    Memory: N x P floats plus one step's graph instead of N steps' graphs; time: one more forward and
+    backward pass of the student per step (~1.3x).
+    """
+
+    @staticmethod
+    def forward(ctx, distiller: MTT, g: torch.Generator, idx: Tensor, params: Tensor, lr: Tensor,
+                *leaves: Tensor) -> Tensor:
+        ctx.distiller, ctx.rng_state, ctx.rng_device = distiller, g.get_state(), g.device
+        ctx.save_for_backward(idx, params, lr, *leaves)
+        x = distiller.step_batch(idx, g)  # grad is off in a Function's forward: no graph to the images
+        with torch.enable_grad():
+            p = params.detach().requires_grad_(True)
+            grad = distiller.student_gradient(p, x, idx, create_graph=False)
+        return params - lr * grad
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        d = ctx.distiller
+        idx, params, lr, *leaves = ctx.saved_tensors
+        g = torch.Generator(device=ctx.rng_device)
+        g.set_state(ctx.rng_state)
+        with torch.enable_grad():
+            p, lr = params.detach().requires_grad_(True), lr.detach().requires_grad_(True)
+            out = p - lr * d.student_gradient(p, d.step_batch(idx, g), idx)
+        needs = ctx.needs_input_grad[3:]
+        wanted = [t for t, need in zip((p, lr, *leaves), needs) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+        return None, None, None, *(next(grads) if need else None for need in needs)
 
 
 def _load_checked(cfg: MTTConfig, real: RealSet) -> Experts:
