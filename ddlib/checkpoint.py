@@ -107,7 +107,8 @@ class Checkpointer:
     def save(self, distiller: Any, loop: dict[str, Any]) -> Path:
         """Write the run's state after ``loop["iteration"]`` iterations (atomically: a crash keeps the old file)."""
         payload = {"method": distiller.name, "seed": distiller.seed, "config": distiller.cfg.to_dict(),
-                   "dataset": distiller.real.meta(), "fingerprint": dataset_fingerprint(distiller.real),
+                   "device": distiller.device.type, "dataset": distiller.real.meta(),
+                   "fingerprint": dataset_fingerprint(distiller.real),
                    "torch": torch.__version__, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "state": distiller.state_dict(), "loop": loop}
         save_checked(payload, self.path, FORMAT)

@@ -437,9 +437,25 @@ def _resume_settings(args: argparse.Namespace) -> dict[str, Any] | None:
             raise ValueError(f"the checkpoint in {args.resume} is from a run with --{flag.replace('_', '-')} {saved}, "
                              f"not {given}; leave the flag out to resume")
         setattr(args, flag, saved)
+    args.device = _resume_device(args.device, body.get("device"))
     print(f"resuming {args.resume}: {body['method']} on {body['dataset']['name']} "
-          f"({body['dataset']['image_size']} px), seed {body['seed']}, iteration {body['loop']['iteration']}")
+          f"({body['dataset']['image_size']} px), seed {body['seed']}, iteration {body['loop']['iteration']}, "
+          f"device {args.device}")
     return with_new_defaults(body["config"], get_method(body["method"]).Config)
+
+
+def _resume_device(given: str, saved: str | None) -> str:
+    """The device a resumed run continues on: ``--device`` when given, else the checkpoint's device type when
+    this machine has it (only the same kind of device continues the run bit for bit), else ``auto``."""
+    import torch
+
+    if given != "auto" or saved is None:
+        return given
+    if saved == "cpu" or (saved == "cuda" and torch.cuda.is_available()):
+        return saved
+    print(f"the run was on {saved}, which this machine lacks: continuing on the auto choice (the result may "
+          "differ from an uninterrupted run in the last bits)", file=sys.stderr)
+    return given
 
 
 def _resumed_config(saved: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

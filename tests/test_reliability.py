@@ -156,6 +156,22 @@ def test_cli_resume_of_a_checkpoint_older_than_a_config_field(tmp_path, capsys):
     assert "compile=True (checkpoint: False)" in capsys.readouterr().err
 
 
+def test_cli_resume_stays_on_the_run_s_device(tmp_path, monkeypatch, capsys):
+    """A run started with --device cpu resumes on the CPU even where a GPU is visible (seen on a lent H100:
+    the resume went to CUDA and no longer matched the uninterrupted run); --device still overrides."""
+    from ddlib.cli import _resume_device, _resume_settings, build_parser
+
+    assert main([*CLI_RUN, "--iterations", "1", "--out", str(tmp_path)]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = build_parser().parse_args(["distill", "--resume", str(tmp_path)])
+    _resume_settings(args)
+    assert args.device == "cpu"
+    assert _resume_device("cuda:1", "cpu") == "cuda:1"
+    assert _resume_device("auto", None) == "auto"  # a checkpoint from before the device was recorded
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _resume_device("auto", "cuda") == "auto" and "lacks" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------- killed subprocesses
 @pytest.fixture(scope="module")
 def cli_reference(tmp_path_factory):
