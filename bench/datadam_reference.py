@@ -90,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     from ddlib.methods.registry import get_method
     from ddlib.models import init_parameters_
     from ddlib.rng import generator
+    from ddlib.utils import resolve_device
 
-    real = load_dataset(args.dataset, args.data_root)
+    device = resolve_device(args.device)
+    real = load_dataset(args.dataset, args.data_root, device=device)
     overrides = {k: v for k, v in (("power", args.power), ("norm", args.norm)) if v is not None}
     cfg = make_config("datadam", ipc=args.ipc, batch_real=args.batch_real, precision=args.precision,
                       **overrides)
-    ours = get_method("datadam")(real, cfg, seed=0)
-    net = _build_network(cfg, real.channels, real.num_classes, real.image_size, torch.device("cpu"))
+    ours = get_method("datadam")(real, cfg, seed=0, device=device)
+    net = _build_network(cfg, real.channels, real.num_classes, real.image_size, device)
     net.requires_grad_(False).train()
     activations = relu_outputs(net)
     images = ours.images.detach().clone().requires_grad_(True)  # both sides start from the same images
@@ -108,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                             cfg.mmd_weight, generator(0, "bench-iteration", rep))
 
     times = side_by_side.time_alternately({"reference": reference, "ddlib": ours.step},
-                                          args.accuracy_iterations or args.repeats + 1)
-    report = {"dataset": args.dataset, "ipc": args.ipc, "batch_real": args.batch_real, "threads": args.threads,
+                                          args.accuracy_iterations or args.repeats + 1, device=device)
+    report = {"dataset": args.dataset, "device": str(device), "ipc": args.ipc, "batch_real": args.batch_real,
+              "threads": args.threads,
               "precision": args.precision, "power": cfg.power, "mmd_weight": cfg.mmd_weight, "norm": cfg.norm,
               "dsa_strategy": ours.dsa.strategy if ours.dsa else None}
     name = "datadam" + "".join(f"-{k}{v:g}" if k == "power" else f"-{v}" for k, v in overrides.items())

@@ -46,9 +46,9 @@ def reference_outer_step(net: nn.Module, images: Tensor, image_opt: torch.optim.
     k, ipc = real_x.shape[0], images.shape[0] // real_x.shape[0]
     loss = images.new_zeros(())
     for c in range(k):
-        y_real = torch.full((real_x.shape[1],), c)
+        y_real = torch.full((real_x.shape[1],), c, device=images.device)
         g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(real_x[c]), y_real), params)]
-        y_syn = torch.full((ipc,), c)
+        y_syn = torch.full((ipc,), c, device=images.device)
         g_syn = torch.autograd.grad(F.cross_entropy(net(images[c * ipc:(c + 1) * ipc]), y_syn), params,
                                     create_graph=True)
         loss = loss + layerwise_distance(list(g_syn), g_real)
@@ -57,9 +57,9 @@ def reference_outer_step(net: nn.Module, images: Tensor, image_opt: torch.optim.
     image_opt.step()
     matched = time.perf_counter()
     net_opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    x, y = images.detach().clone(), torch.arange(k).repeat_interleave(ipc)
+    x, y = images.detach().clone(), torch.arange(k, device=images.device).repeat_interleave(ipc)
     for _ in range(inner):
-        order = torch.randperm(x.shape[0], generator=rng)
+        order = torch.randperm(x.shape[0], generator=rng).to(images.device)
         net_opt.zero_grad()
         F.cross_entropy(net(x[order]), y[order]).backward()
         net_opt.step()
@@ -82,6 +82,8 @@ def reference_iteration(net: nn.Module, images: Tensor, image_opt: torch.optim.O
 def main(argv: list[str] | None = None) -> int:
     p = side_by_side.parser("python -m bench.dc_reference", __doc__, unit="outer step", repeats=3)
     p.add_argument("--init", default="noise", help="initial images of both sides (DC's default: noise)")
+    p.add_argument("--class-grads", default="loop",
+                   help="ddlib's per-class gradients: loop (fastest on a CPU) | batched (vmap) | auto")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -90,13 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     from ddlib.methods.registry import get_method
     from ddlib.models import get_network, init_parameters_
     from ddlib.rng import generator
+    from ddlib.utils import resolve_device
 
-    real = load_dataset(args.dataset, args.data_root)
-    cfg = make_config("dc", ipc=args.ipc, batch_real=args.batch_real, init=args.init, class_grads="loop",
+    device = resolve_device(args.device)
+    real = load_dataset(args.dataset, args.data_root, device=device)
+    cfg = make_config("dc", ipc=args.ipc, batch_real=args.batch_real, init=args.init, class_grads=args.class_grads,
                       precision=args.precision)
-    ours = get_method("dc")(real, cfg, seed=0)
+    ours = get_method("dc")(real, cfg, seed=0, device=device)
     outer, inner = ours.outer, ours.inner
-    net = get_network(cfg.model, real.channels, real.num_classes, real.image_size)
+    net = get_network(cfg.model, real.channels, real.num_classes, real.image_size, device=device)
     images = ours.images.detach().clone().requires_grad_(True)  # both sides start from the same images
     image_opt = torch.optim.SGD([images], lr=cfg.lr_img, momentum=0.5)
     whole = bool(args.accuracy_iterations)  # accuracy mode times whole iterations, timing mode one outer step
@@ -116,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
     unit = "iteration" if whole else "outer step"
     times = side_by_side.time_alternately({"reference": reference, "ddlib": ours.step if whole else ddlib_outer_step},
-                                          args.accuracy_iterations or args.repeats + 1)
-    report = {"dataset": args.dataset, "ipc": args.ipc, "batch_real": args.batch_real, "init": args.init,
+                                          args.accuracy_iterations or args.repeats + 1, device=device)
+    report = {"dataset": args.dataset, "device": str(device), "class_grads": args.class_grads, "ipc": args.ipc,
+              "batch_real": args.batch_real, "init": args.init,
               "outer_steps": outer, "inner_epochs": inner, "threads": args.threads, "precision": args.precision}
     side_by_side.finish(args, report, times, name="dc", unit=unit, ours=ours, reference_images=images, real=real)
     return 0

@@ -51,11 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     from ddlib.methods.registry import get_method
     from ddlib.models import get_network, init_parameters_
     from ddlib.rng import generator
+    from ddlib.utils import resolve_device
 
-    real = load_dataset(args.dataset, args.data_root)
+    device = resolve_device(args.device)
+    real = load_dataset(args.dataset, args.data_root, device=device)
     cfg = make_config("dm", ipc=args.ipc, batch_real=args.batch_real, precision=args.precision)
-    ours = get_method("dm")(real, cfg, seed=0)
-    net = get_network(cfg.model, real.channels, real.num_classes, real.image_size).requires_grad_(False).train()
+    ours = get_method("dm")(real, cfg, seed=0, device=device)
+    net = get_network(cfg.model, real.channels, real.num_classes, real.image_size, device=device)
+    net.requires_grad_(False).train()
     images = ours.images.detach().clone().requires_grad_(True)  # both sides start from the same images
     image_opt = torch.optim.SGD([images], lr=cfg.lr_img, momentum=0.5)
 
@@ -65,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         reference_iteration(net, images, image_opt, real, args.batch_real, ours.dsa, rng)
 
     times = side_by_side.time_alternately({"reference": reference, "ddlib": ours.step},
-                                          args.accuracy_iterations or args.repeats + 1)
-    report = {"dataset": args.dataset, "ipc": args.ipc, "batch_real": args.batch_real, "threads": args.threads,
+                                          args.accuracy_iterations or args.repeats + 1, device=device)
+    report = {"dataset": args.dataset, "device": str(device), "ipc": args.ipc, "batch_real": args.batch_real,
+              "threads": args.threads,
               "precision": args.precision, "dsa_strategy": ours.dsa.strategy if ours.dsa else None}
     side_by_side.finish(args, report, times, name="dm", unit="iteration", ours=ours, reference_images=images,
                         real=real)

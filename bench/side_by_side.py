@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ddlib.synset import SyntheticSet
 from ddlib.utils import PRECISION_DTYPES
 
@@ -33,6 +35,7 @@ def parser(prog: str, doc: str, *, unit: str, repeats: int) -> argparse.Argument
     p.add_argument("--batch-real", type=int, default=256)
     p.add_argument("--repeats", type=int, default=repeats, help=f"timed {unit}s of each (after one warm-up)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (both sides run on it)")
     p.add_argument("--precision", default="fp32", choices=list(PRECISION_DTYPES),
                    help="ddlib's side only: the official codes run in fp32")
     p.add_argument("--out", default="results/bench")
@@ -44,19 +47,31 @@ def parser(prog: str, doc: str, *, unit: str, repeats: int) -> argparse.Argument
     return p
 
 
-def time_alternately(sides: dict[str, Unit], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+def time_alternately(sides: dict[str, Unit], reps: int, warmup: int = 1,
+                     device: torch.device | None = None) -> dict[str, list[float]]:
     """Run each side's unit in turn for ``reps`` repeats; seconds per side (and per named part, as
-    ``<side>_<part>``, for a unit that returns {part: seconds}) of every repeat after the first ``warmup``."""
+    ``<side>_<part>``, for a unit that returns {part: seconds}) of every repeat after the first ``warmup``.
+    On a GPU each unit is timed between two synchronisations, and ``<side>_peak_gib`` holds the peak memory
+    it allocated above what was allocated before it (GiB) per repeat."""
     times: dict[str, list[float]] = {name: [] for name in sides}
+    cuda = device is not None and device.type == "cuda"
     for rep in range(reps):
         line = []
         for name, unit in sides.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
             start = time.perf_counter()
             returned = unit(rep)
+            if cuda:
+                torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
             # Timed parts are plain floats; a distiller's step returns its loss tensors, which are not timings.
             parts = {k: v for k, v in (returned or {}).items() if isinstance(v, float)}
             line.append(f"{name} {seconds:.2f} s" + "".join(f" ({k} {v:.2f})" for k, v in parts.items()))
+            if cuda:
+                parts["peak_gib"] = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 30
             if rep >= warmup:
                 times[name].append(seconds)
                 for key, value in parts.items():
@@ -110,7 +125,9 @@ def finish(args: argparse.Namespace, report: dict, times: dict[str, list[float]]
 
 
 def report_path(args: argparse.Namespace, method: str) -> Path:
-    """``<out>/<method>-reference-ipc<IPC>[-acc<K>][-<precision>]-cpu.json``."""
+    """``<out>/<method>-reference-ipc<IPC>[-acc<K>][-<precision>]-<device type>.json``."""
+    from ddlib.utils import resolve_device
+
     suffix = f"-acc{args.accuracy_iterations}" if args.accuracy_iterations else ""
     suffix += f"-{args.precision}" if args.precision != "fp32" else ""
-    return Path(args.out) / f"{method}-reference-ipc{args.ipc}{suffix}-cpu.json"
+    return Path(args.out) / f"{method}-reference-ipc{args.ipc}{suffix}-{resolve_device(args.device).type}.json"

@@ -121,6 +121,35 @@ def test_dm_reference_accuracy_mode_evaluates_both_sets_with_the_same_seeds(tmp_
     assert {"reference", "ddlib", "difference", "within_one_std_or_better"} <= set(accuracy)
 
 
+def test_mtt_reference_times_every_side_and_its_unroll_moves_images_and_lr(tmp_path):  # fixture MNIST
+    from bench.mtt_reference import main as reference_main
+
+    assert reference_main(["--grid", "2x3x5", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    point = json.loads((tmp_path / "mtt-memory-cpu.json").read_text())["points"][0]
+    assert (point["ipc"], point["syn_steps"], point["batch_syn"]) == (2, 3, 5)
+    assert set(point["median"]) == {"reference", "mtt", "mtt-recompute", "datm", "datm-recompute"}
+
+
+def test_mtt_reference_iteration_moves_the_images_and_the_lr():
+    import torch
+
+    from bench.mtt_reference import reference_iteration
+    from ddlib.augment import DSA
+    from ddlib.models import get_network
+    from ddlib.trajectory import FlatModel
+
+    flat = FlatModel(get_network("convnetw16", 1, 10, 16))
+    start = flat.flatten()
+    images = torch.randn(20, 1, 16, 16, requires_grad=True)
+    syn_lr = torch.tensor(0.01, requires_grad=True)
+    before = images.detach().clone(), syn_lr.detach().clone()
+    opts = [torch.optim.SGD([images], lr=10.0), torch.optim.SGD([syn_lr], lr=1e-3)]
+    reference_iteration(flat, images, torch.arange(10).repeat_interleave(2), syn_lr, opts, start,
+                        start + 0.01 * torch.randn_like(start), 4, 5, DSA(), torch.Generator().manual_seed(0))
+    assert (images.detach() != before[0]).flatten(1).any(dim=1).sum() >= 15  # 4 steps x 5 of the 20 images
+    assert syn_lr.detach() != before[1]
+
+
 @pytest.mark.parametrize("norm, power", [("instance", 4.0), ("batch", 1.0)])  # the paper's; the released code's
 def test_datadam_reference_loss_is_ddlibs_loss_and_its_json_is_written(tmp_path, norm, power):  # fixture MNIST
     import torch
