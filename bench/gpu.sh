@@ -10,7 +10,8 @@
 # memory  MTT's and DATM's peak memory and time against the official unroll (bench.mtt_reference);
 # gm      gradient matching at larger budgets: DC at IPC 1 from noise for the papers' 1,000 iterations, DC and
 #         DSA at IPC 10 from real images for 30 iterations each (issue 4);
-# dm      DM at IPC 10 for 10,000 iterations (half the paper's 20,000) and DataDAM's paper preset (8,000 iterations).
+# dm      DM at IPC 10 for 10,000 iterations (half the paper's 20,000; 271 s on an H100, then its evaluation) and
+#         DataDAM's paper preset (8,000 iterations).
 # Real MNIST is read from $DDLIB_DATA (default .gpu/data: copy ../shared/data/MNIST-gz/* to
 # .gpu/data/MNIST/raw/ here and carry .gpu). Everything lands in $OUT/gpu-results.tgz (trajectories left
 # out; rewritten after every step) plus $OUT/log.txt, since a lent machine returns at most 8
@@ -92,9 +93,9 @@ gm() {
 
 dm() {
     local common=(--dataset mnist --device "$device" --seed 0 --num-eval 5 --ipc 10 --protocol dc)
-    step 300 "$py" -m ddlib distill --method dm --iterations 10000 --batch-real 256 "${common[@]}" \
+    step 380 "$py" -m ddlib distill --method dm --iterations 10000 --batch-real 256 "${common[@]}" \
         --out "$work/dm_mnist_ipc10_10000it"
-    step 250 "$py" -m ddlib distill --method datadam --preset paper --no-random-baseline "${common[@]}" \
+    step 200 "$py" -m ddlib distill --method datadam --preset paper --no-random-baseline "${common[@]}" \
         --out "$work/datadam_mnist_ipc10_paper"
 }
 
