@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +190,14 @@ def test_mtt_chunks_alternates_both_settings_and_writes_its_json(tmp_path):  # f
                           "--expert-epochs", "1", "--max-start-epoch", "1", "--out", str(tmp_path / "c.json")])
     assert report["slice_images"] == 32 and set(report["median_seconds"]) == {"whole_batch", "slices"}
     assert json.loads((tmp_path / "c.json").read_text())["ratio_slices_to_whole"] > 0
+
+
+def test_gpu_script_parses_and_names_an_unknown_part(tmp_path):
+    """bench/gpu.sh runs only on a lent GPU; here its syntax and its refusal of an unknown part are checked."""
+    import subprocess
+
+    script = Path(__file__).parent.parent / "bench" / "gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    done = subprocess.run(["bash", str(script), "nosuchpart"], env={**os.environ, "OUT": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert "unknown part: nosuchpart" in done.stdout and (tmp_path / "log.txt").is_file()
