@@ -11,10 +11,10 @@ the target, one backward, SGD on the images and the lr. The network (``FlatModel
 ``ReparamModule``'s flat-vector forward) and the DSA are ddlib's, so the ratio measures the unroll. ddlib's
 sides are ``MTT.step`` and ``DATM.step`` with the official graph-keeping unroll and with ``recompute_steps``
 (each step's pass redone in the backward), at the same N and batch_syn. Each grid point is
-IPCxNxBATCH_SYN on MNIST; experts are two small SGD trajectories trained first (cost and memory do not depend on
-how good they are). On a GPU each side's peak memory above what was allocated before its iteration is
-recorded (``side_by_side.time_alternately``); the CPU run times only. Writes
-``<out>/mtt-memory-<device>.json``. Not run by the tests.
+IPCxNxBATCH_SYN on MNIST; experts are ``bench.run``'s two tiny SGD trajectories (``TINY_EXPERTS``), trained
+first (cost and memory do not depend on how good they are). On a GPU each side's peak memory above what was
+allocated before its iteration is recorded (``side_by_side.time_alternately``); the CPU run times only. Writes
+``<out>/mtt-memory-<device>.json``. The tests run it only at a tiny grid point on fixture data.
 """
 from __future__ import annotations
 
@@ -28,6 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench import side_by_side
+from bench.run import TINY_EXPERTS
+from ddlib.data import load_dataset
+from ddlib.io import save_json
+from ddlib.methods import make_config
+from ddlib.methods.registry import get_method
+from ddlib.rng import generator
+from ddlib.trajectory import ExpertConfig, train_experts
+from ddlib.utils import environment, resolve_device
 
 
 def reference_iteration(flat, images: Tensor, labels: Tensor, syn_lr: Tensor, opts: list, start: Tensor,
@@ -61,20 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/bench")
     args = p.parse_args(argv)
 
-    from ddlib.data import load_dataset
-    from ddlib.io import save_json
-    from ddlib.methods import make_config
-    from ddlib.methods.registry import get_method
-    from ddlib.rng import generator
-    from ddlib.trajectory import ExpertConfig, train_experts
-    from ddlib.utils import environment, resolve_device
-
     device = resolve_device(args.device)
     real = load_dataset("mnist", args.data_root, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        experts = train_experts(real, ExpertConfig(num_experts=2, epochs=6, subset=100), Path(tmp) / "experts",
+        experts = train_experts(real, ExpertConfig(**TINY_EXPERTS), Path(tmp) / "experts",
                                 seed=0, device=device, show_progress=False)
-        points = [run_point(point, real, str(experts), args.repeats, device, make_config, get_method, generator)
+        points = [run_point(point, real, str(experts), args.repeats, device)
                   for point in args.grid]
     report = {"device": str(device), "environment": environment(), "points": points}
     path = Path(args.out) / f"mtt-memory-{device.type}.json"
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_point(point: str, real, experts: str, repeats: int, device: torch.device, make_config, get_method,
-              generator) -> dict:
+def run_point(point: str, real, experts: str, repeats: int, device: torch.device) -> dict:
     """Time (and on a GPU, measure the memory of) every side at one IPCxNxBATCH_SYN point."""
     ipc, syn_steps, batch_syn = (int(v) for v in point.split("x"))
     common = dict(ipc=ipc, experts=experts, syn_steps=syn_steps, batch_syn=batch_syn, expert_epochs=2,
