@@ -175,6 +175,8 @@ def _add_batch_parsers(sub) -> None:
     p.add_argument("-f", "--params-file", default=None, help="YAML file of parameters (over the profile)")
     p.add_argument("--out", default="results/notebooks", help="executed notebooks, logs and status files")
     p.add_argument("--jobs", type=int, default=1, help="notebooks at once; each gets cores // jobs threads")
+    p.add_argument("--cores", type=int, default=None,
+                   help="CPU cores the jobs share (default: those this process may use); leave some to other work")
     p.add_argument("--force", action="store_true", help="run even when an identical run already succeeded")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per notebook")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name")
@@ -644,7 +646,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 
     cfg = nbr.RunnerConfig(out=Path(args.out), profile=args.profile, jobs=args.jobs, force=args.force,
                            kernel=args.kernel, timeout=args.timeout, results=args.results, backend=args.backend,
-                           address=args.address, cpus_per_run=max(1, int(args.cpus_per_run)))
+                           cores=args.cores, address=args.address, cpus_per_run=max(1, int(args.cpus_per_run)))
     file_params = yaml.safe_load(Path(args.params_file).read_text()) if args.params_file else None
     if file_params is not None and not isinstance(file_params, dict):
         raise ValueError(f"{args.params_file} must map parameter names to values")

@@ -127,6 +127,15 @@ def test_cli_reports_failure_in_exit_status(tmp_path, capsys):
     assert "01_bad-smoke" in capsys.readouterr().err
 
 
+def test_cli_cores_sets_the_kernel_s_threads(tmp_path):
+    folder = tmp_path / "nbs"
+    make_notebook(folder / "01_work.ipynb", WORK)
+    out = tmp_path / "out"
+    assert main(["notebooks", "run", "01", "--notebooks-dir", str(folder), "--profile", "course", "--cores", "3",
+                 "--out", str(out), "--results", "off"]) == 0
+    assert (out / "01_work-course" / "value.txt").read_text() == "1 0 False 3"
+
+
 def test_sweep_is_the_cross_product_named_by_parameters(tmp_path):
     nb = make_notebook(tmp_path / "01_work.ipynb", WORK)
     cfg = nbr.RunnerConfig(out=tmp_path / "out", profile="smoke")
