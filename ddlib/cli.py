@@ -155,12 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(kind):
+    """An argparse type: a number of ``kind`` above zero, else a one-line error naming the flag's value."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a {'whole ' if kind is int else ''}number above 0, got {text!r}")
+        return value
+    return parse
+
+
 def _add_backend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="local", choices=["local", "ray"],
                    help="where runs execute (ray: one task each)")
     p.add_argument("--address", default=None,
                    help="ray: cluster address HOST:PORT (default: $RAY_ADDRESS, else a Ray started here)")
-    p.add_argument("--cpus-per-run", type=float, default=1, help="ray: CPUs (and threads) of each run's task")
+    p.add_argument("--cpus-per-run", type=_positive(float), default=1,
+                   help="ray: CPUs (and threads) of each run's task")
 
 
 def _add_batch_parsers(sub) -> None:
@@ -174,8 +188,8 @@ def _add_batch_parsers(sub) -> None:
                    help="set a parameter; comma-separated values sweep (-p ipc 1,10,50 -p seed 0,1)")
     p.add_argument("-f", "--params-file", default=None, help="YAML file of parameters (over the profile)")
     p.add_argument("--out", default="results/notebooks", help="executed notebooks, logs and status files")
-    p.add_argument("--jobs", type=int, default=1, help="notebooks at once; each gets cores // jobs threads")
-    p.add_argument("--cores", type=int, default=None,
+    p.add_argument("--jobs", type=_positive(int), default=1, help="notebooks at once; each gets cores // jobs threads")
+    p.add_argument("--cores", type=_positive(int), default=None,
                    help="CPU cores the jobs share (default: those this process may use); leave some to other work")
     p.add_argument("--force", action="store_true", help="run even when an identical run already succeeded")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per notebook")
@@ -196,7 +210,7 @@ def _add_batch_parsers(sub) -> None:
     p.add_argument("--iterations", type=int, default=None, help="iterations of every run (method default)")
     p.add_argument("--out", default="runs/sweep", help="one folder per run inside it")
     p.add_argument("--results", default=None, help="runs table (default: $DDLIB_RESULTS, else results/runs.jsonl)")
-    p.add_argument("--jobs", type=int, default=1, help="local backend: runs at once")
+    p.add_argument("--jobs", type=_positive(int), default=1, help="local backend: runs at once")
     p.add_argument("--gpus-per-run", type=float, default=0, help="ray: GPUs of each run's task")
     p.add_argument("--dry-run", action="store_true", help="print the runs, run nothing")
     _add_backend_flags(p)

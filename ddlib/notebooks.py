@@ -286,8 +286,10 @@ def run_all(runs: Sequence[Run], cfg: RunnerConfig, log: Callable[[str], None] =
     if cfg.backend != "local":
         raise ValueError(f"unknown backend {cfg.backend!r}; use local or ray")
     cfg.out.mkdir(parents=True, exist_ok=True)
-    cores = cfg.cores or _cores()
-    jobs = max(1, min(cfg.jobs, len(runs) or 1))
+    if cfg.jobs < 1 or (cfg.cores is not None and cfg.cores < 1):
+        raise ValueError(f"jobs ({cfg.jobs}) and cores ({cfg.cores}) must be at least 1")
+    cores = _cores() if cfg.cores is None else cfg.cores
+    jobs = min(cfg.jobs, len(runs) or 1)
     threads = max(1, cores // jobs)
     log(f"{len(runs)} run(s), profile {cfg.profile}, {jobs} at a time, {threads} thread(s) each "
         f"(OMP_NUM_THREADS = {cores} cores // {jobs} jobs), into {cfg.out}")

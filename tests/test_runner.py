@@ -136,6 +136,22 @@ def test_cli_cores_sets_the_kernel_s_threads(tmp_path):
     assert (out / "01_work-course" / "value.txt").read_text() == "1 0 False 3"
 
 
+@pytest.mark.parametrize("flag, value", [("--cores", "0"), ("--jobs", "0"), ("--jobs", "two"),
+                                         ("--cpus-per-run", "0")])
+def test_cli_rejects_a_count_below_one(flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["notebooks", "run", "01", flag, value])
+    assert exc.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err
+
+
+def test_runner_config_with_no_cores_is_an_error(tmp_path):
+    nb = make_notebook(tmp_path / "01_work.ipynb", WORK)
+    cfg = nbr.RunnerConfig(out=tmp_path / "out", profile="smoke", cores=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        nbr.run_all(nbr.plan([nb], cfg), cfg)
+
+
 def test_sweep_is_the_cross_product_named_by_parameters(tmp_path):
     nb = make_notebook(tmp_path / "01_work.ipynb", WORK)
     cfg = nbr.RunnerConfig(out=tmp_path / "out", profile="smoke")
