@@ -10,6 +10,10 @@ Trajectory entries (mtt, datm, pad) first train small expert trajectories on the
 (cached under ``--experts-cache``; resumed if present) and time the distillation iterations only; their
 entries at several (syn_steps, batch_syn) give the unrolled student's peak memory against both.
 
+``--profile`` also runs one unit under ``torch.profiler`` and records where its time goes: the self time
+of the ATen operators grouped into convolutions, matrix products, normalisations, pooling, and the rest
+(elementwise ops, reductions and copies), plus the top operators, so a low FLOP/s fraction can be traced.
+
 ``--accuracy-iterations K`` (off by default: minutes to hours per entry) also runs K iterations from the
 seed and evaluates the result with one fixed protocol (``dc``, ``--accuracy-epochs`` epochs, one network),
 so entries can be compared at a fixed budget; the results/ runs hold the papers'-budget accuracies.
@@ -112,6 +116,48 @@ def matmul_flops_per_second(device: torch.device, size: int = 2048, seconds: flo
     return 2 * size ** 3 * count / (time.perf_counter() - start)
 
 
+OP_KINDS = (  # (kind, substrings of an ATen operator's name); the first match wins
+    ("convolution", ("convolution",)),
+    ("matmul", ("::mm", "::addmm", "::bmm", "::matmul", "::linear", "::baddbmm")),
+    ("normalisation", ("group_norm", "batch_norm", "layer_norm", "instance_norm")),
+    ("pooling", ("pool",)),
+)
+
+
+def op_kind(name: str) -> str:
+    """The kind of a profiler event: one of OP_KINDS, 'elementwise and copies' for the other ATen
+    operators, or 'other' (autograd and Python overhead outside ATen)."""
+    if not name.startswith("aten::"):
+        return "other"
+    return next((kind for kind, keys in OP_KINDS if any(k in name for k in keys)), "elementwise and copies")
+
+
+def profile_unit(unit: Callable[[int], object], i: int, device: torch.device, top: int = 15) -> dict:
+    """Run ``unit(i)`` under torch.profiler: its self time by operator kind (shares) and the ``top`` operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        unit(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def self_us(event) -> float:
+        if device.type == "cuda":
+            return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+        return event.self_cpu_time_total
+
+    events = [(e.key, self_us(e) / 1e6, e.count) for e in prof.key_averages()]
+    total = sum(t for _, t, _ in events) or 1.0
+    by_kind: dict[str, float] = {}
+    for name, seconds, _ in events:
+        by_kind[op_kind(name)] = by_kind.get(op_kind(name), 0.0) + seconds / total
+    events.sort(key=lambda e: -e[1])
+    return {"clock": "device" if device.type == "cuda" else "cpu", "seconds": total,
+            "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "top_ops": [{"name": n, "seconds": t, "calls": c} for n, t, c in events[:top]]}
+
+
 def unit_function(entry: Entry, distiller) -> Callable[[int], object]:
     """What one timed unit runs: a whole iteration, or DC's first (matching + inner training) outer step."""
     if entry.unit == "outer step":
@@ -146,6 +192,7 @@ def run_entry(entry: Entry, args: argparse.Namespace, matmul_rate: float, precis
             sync()
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
+    profiled = {"profile": profile_unit(unit, args.warmup + 1 + args.repeats, device)} if args.profile else {}
     return {
         "name": entry.name, "method": entry.method, "dataset": entry.dataset, "unit": entry.unit,
         "settings": cfg.to_dict(), "device": str(device), "precision": args.precision,
@@ -155,7 +202,7 @@ def run_entry(entry: Entry, args: argparse.Namespace, matmul_rate: float, precis
         "matmul_flops_per_second": matmul_rate, "efficiency": flops / median / matmul_rate,
         "matmul_flops_per_second_precision": precision_rate, "efficiency_precision": flops / median / precision_rate,
         "peak_memory_bytes": memory.peak_bytes, "reference": entry.reference,
-        "environment": environment(), **budget_accuracy(entry, cfg, real, args, device),
+        "environment": environment(), **profiled, **budget_accuracy(entry, cfg, real, args, device),
     }
 
 
@@ -210,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/bench", help="folder for the JSON files and table.md")
     p.add_argument("--list", action="store_true", help="print the entries and exit")
     p.add_argument("--experts-cache", default="runs/bench-experts", help="where trajectory entries keep experts")
+    p.add_argument("--profile", action="store_true", help="also profile one unit: its time by operator kind")
     p.add_argument("--accuracy-iterations", type=int, default=0,
                    help="also distil this many iterations and evaluate (0: timing only)")
     p.add_argument("--accuracy-epochs", type=int, default=300, help="epochs of the budget evaluation network")
@@ -243,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['peak_memory_bytes'] / 2**20:.0f} MiB"
               + (f", {100 * row['budget_accuracy']:.2f} % after {row['budget_iterations']} iterations"
                  if "budget_accuracy" in row else ""), flush=True)
+        if "profile" in row:
+            print("  time by operator kind: " + ", ".join(f"{k} {100 * v:.0f} %"
+                                                          for k, v in row["profile"]["by_kind"].items()), flush=True)
     table = markdown_table(rows)
     atomic_write(out / f"table-{device.type}.md", lambda f: f.write(table), mode="w")
     return 0

@@ -40,6 +40,27 @@ def test_bench_at_bf16_measures_the_bf16_matmul_rate_too(tmp_path):  # fixture M
     assert "bf16" in (tmp_path / "table-cpu.md").read_text()
 
 
+def test_bench_profile_splits_a_unit_s_time_by_operator_kind(tmp_path):  # fixture MNIST (conftest)
+    code = main(["--only", "dd-mnist-ipc10", "--warmup", "0", "--repeats", "1", "--device", "cpu", "--profile",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    prof = json.loads((tmp_path / "dd-mnist-ipc10-cpu.json").read_text())["profile"]
+    assert sum(prof["by_kind"].values()) == pytest.approx(1.0)
+    assert prof["by_kind"]["convolution"] > 0 and prof["seconds"] > 0  # LeNet's convolutions
+    assert prof["top_ops"] and prof["top_ops"][0]["seconds"] >= prof["top_ops"][-1]["seconds"]
+
+
+def test_op_kind_groups_aten_operators():
+    from bench.run import op_kind
+
+    assert op_kind("aten::convolution_backward") == "convolution"
+    assert op_kind("aten::addmm") == "matmul" and op_kind("aten::mm") == "matmul"
+    assert op_kind("aten::native_group_norm_backward") == "normalisation"
+    assert op_kind("aten::max_pool2d_with_indices") == "pooling"
+    assert op_kind("aten::mul") == "elementwise and copies"
+    assert op_kind("autograd::engine::evaluate_function: MulBackward0") == "other"
+
+
 def test_trajectory_entry_trains_experts_and_reports_budget_accuracy(tmp_path):
     cache = tmp_path / "experts"
     code = main(["--only", "mtt-mnist-ipc10-n10-b50", "--warmup", "0", "--repeats", "1", "--device", "cpu",
