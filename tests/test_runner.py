@@ -137,7 +137,8 @@ def test_cli_cores_sets_the_kernel_s_threads(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--cores", "0"), ("--jobs", "0"), ("--jobs", "two"),
-                                         ("--cpus-per-run", "0")])
+                                         ("--cpus-per-run", "0"), ("--cpus-per-run", "nan"),
+                                         ("--cpus-per-run", "inf")])
 def test_cli_rejects_a_count_below_one(flag, value, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["notebooks", "run", "01", flag, value])
