@@ -151,7 +151,8 @@ def profile_unit(unit: Callable[[int], object], i: int, device: torch.device, to
     total = sum(t for _, t, _ in events) or 1.0
     by_kind: dict[str, float] = {}
     for name, seconds, _ in events:
-        by_kind[op_kind(name)] = by_kind.get(op_kind(name), 0.0) + seconds / total
+        kind = op_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds / total
     events.sort(key=lambda e: -e[1])
     return {"clock": "device" if device.type == "cuda" else "cpu", "seconds": total,
             "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),

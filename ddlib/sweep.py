@@ -59,6 +59,8 @@ def plan_sweep(cfg: SweepConfig) -> list[SweepRun]:
         raise ValueError(f"unknown backend {cfg.backend!r}; use {' or '.join(BACKENDS)}")
     if not (cfg.methods and cfg.ipcs and cfg.seeds):
         raise ValueError("a sweep needs at least one --method, --ipc and --seed")
+    if cfg.jobs < 1:
+        raise ValueError(f"jobs ({cfg.jobs}) must be at least 1")
     runs = []
     for method, ipc, seed in itertools.product(cfg.methods, cfg.ipcs, cfg.seeds):
         name = f"{method}_{cfg.dataset}_ipc{ipc}_seed{seed}"
@@ -139,7 +141,7 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> list[dict
 
 def _drive_local(runs: list[SweepRun], cfg: SweepConfig, done, log) -> list[dict[str, Any]]:
     """Runs in a pool of ``cfg.jobs`` fresh processes on this machine (no Ray)."""
-    jobs = max(1, min(cfg.jobs, len(runs)))
+    jobs = min(cfg.jobs, len(runs))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         def submit(run: SweepRun, attempt: int) -> Future:

@@ -153,6 +153,13 @@ def test_runner_config_with_no_cores_is_an_error(tmp_path):
         nbr.run_all(nbr.plan([nb], cfg), cfg)
 
 
+def test_sweep_config_with_no_jobs_is_an_error():
+    from ddlib.sweep import SweepConfig, plan_sweep
+
+    with pytest.raises(ValueError, match="at least 1"):
+        plan_sweep(SweepConfig(["dm"], [1], [0], jobs=0))
+
+
 def test_sweep_is_the_cross_product_named_by_parameters(tmp_path):
     nb = make_notebook(tmp_path / "01_work.ipynb", WORK)
     cfg = nbr.RunnerConfig(out=tmp_path / "out", profile="smoke")
