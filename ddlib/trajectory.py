@@ -80,7 +80,7 @@ class ExpertConfig:
         "expert_optimizer": "optimizer", "expert_subset": "subset", "expert_batch": "batch_size",
         "expert_half": "half", "init_ratio": "init_ratio", "add_end_epoch": "add_end_epoch",
         "rm_epoch_first": "rm_epoch_first", "rm_epoch_second": "rm_epoch_second", "score_nets": "score_nets",
-        "score_epochs": "score_epochs"}
+        "score_epochs": "score_epochs", "expert_snapshots_per_epoch": "snapshots_per_epoch"}
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any], **fields: Any) -> "ExpertConfig":
@@ -570,8 +570,9 @@ def experts_folder(root: str | Path, dataset: str, image_size: int, cfg: ExpertC
     """``root``/<a name spelling out the settings>: one folder per kind of expert, so notebooks that ask
     for the same experts (07, 09, 10) share the trajectories instead of training them again."""
     kind = cfg.optimizer + ("-curriculum" if cfg.curriculum else "")
+    snapshots = f"_{cfg.snapshots_per_epoch}perepoch" if cfg.snapshots_per_epoch > 1 else ""
     return Path(root) / (f"{dataset}_{image_size}px_{cfg.model}_{kind}_{cfg.num_experts}x{cfg.epochs}"
-                         f"_subset{cfg.subset}_batch{cfg.batch_size}")
+                         f"_subset{cfg.subset}_batch{cfg.batch_size}{snapshots}")
 
 
 def ensure_experts(real: RealSet, cfg: ExpertConfig, folder: str | Path, *, seed: int = 0,

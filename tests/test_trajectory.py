@@ -168,6 +168,8 @@ def test_ensure_experts_trains_once_then_reuses_the_shared_folder(digits, tmp_pa
     assert folder.name == "digits_8px_convnetw16_sgd_1x2_subset6_batch32"
     other = ExpertConfig(num_experts=1, curriculum=True, optimizer="gsam", **TINY)
     assert experts_folder(tmp_path, "digits", 8, other).name.startswith("digits_8px_convnetw16_gsam-curriculum_")
+    dense = ExpertConfig(num_experts=1, snapshots_per_epoch=2, **TINY)
+    assert experts_folder(tmp_path, "digits", 8, dense).name == folder.name + "_2perepoch"
     experts = ensure_experts(digits, cfg, folder, seed=0)
     written = (folder / expert_file(0)).stat().st_mtime_ns
     reads = []
@@ -250,9 +252,11 @@ def test_gsam_and_curriculum_experts_train(digits, tmp_path):
 
 def test_expert_config_from_notebook_parameters_maps_their_names_and_ignores_the_rest():
     params = {"num_experts": 2, "expert_train_epochs": 3, "expert_batch": 64, "expert_subset": 20,
-              "expert_optimizer": "gsam", "expert_half": True, "init_ratio": 0.5, "lr": 5.0, "ipc": 10}
+              "expert_optimizer": "gsam", "expert_half": True, "init_ratio": 0.5, "expert_snapshots_per_epoch": 2,
+              "lr": 5.0, "ipc": 10}
     cfg = ExpertConfig.from_parameters(params, curriculum=True)
     assert (cfg.num_experts, cfg.epochs, cfg.batch_size, cfg.subset) == (2, 3, 64, 20)
     assert cfg.optimizer == "gsam" and cfg.half and cfg.curriculum and cfg.init_ratio == 0.5
+    assert cfg.snapshots_per_epoch == 2
     assert cfg.lr == ExpertConfig().lr  # a notebook's other variables never leak into the experts
     assert set(ExpertConfig.NOTEBOOK_PARAMETERS.values()) <= {f.name for f in fields(ExpertConfig)}
