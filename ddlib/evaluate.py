@@ -23,7 +23,8 @@ from ddlib.synset import SyntheticSet
 from ddlib.utils import autocast_context, pass_size, progress
 
 __all__ = ["Protocol", "PROTOCOLS", "get_protocol", "EvalResult", "train_network", "test_network",
-           "evaluate", "evaluate_synset", "evaluate_full", "evaluate_snapshots", "DatasetMismatchError"]
+           "evaluate", "evaluate_synset", "evaluate_full", "reusable_full_data", "evaluate_snapshots",
+           "DatasetMismatchError"]
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,27 @@ def evaluate_full(real: RealSet, *, model: str = "convnet", protocol: str | Prot
     protocol = get_protocol(protocol, **protocol_overrides)
     return evaluate(real.train_images, real.train_labels, real, model=model, protocol=protocol,
                     num_eval=num_eval, seed=seed, device=device, show_progress=show_progress)
+
+
+def reusable_full_data(summary: dict[str, Any], *, model: str, num_train_images: int, protocol: str,
+                       min_epochs: int) -> tuple[bool, str]:
+    """Whether a stored ``evaluate_full(...).summary()`` can stand for a new full-data run, and why not.
+
+    It must be the same model, training-set size and protocol name, trained at least ``min_epochs`` epochs
+    (a shorter run would lower the full-data line). A summary without these fields (hand-written, or from an
+    older tool) is not reused rather than trusted.
+    """
+    stored_protocol = summary.get("protocol") if isinstance(summary.get("protocol"), dict) else {}
+    stored = {"model": summary.get("model"), "training images": summary.get("num_train_images"),
+              "protocol": stored_protocol.get("name")}
+    wanted = {"model": model, "training images": num_train_images, "protocol": protocol}
+    for key, value in wanted.items():
+        if stored[key] != value:
+            return False, f"its {key} is {stored[key]!r}, not {value!r}"
+    epochs = stored_protocol.get("epochs")
+    if not isinstance(epochs, int) or epochs < min_epochs:
+        return False, f"it trained {epochs!r} epochs, fewer than the {min_epochs} asked for"
+    return True, f"{protocol} protocol, {epochs} epochs"
 
 
 def evaluate_snapshots(synset: SyntheticSet, real: RealSet, *, every: int = 1, model: str | None = None,

@@ -12,6 +12,7 @@ from ddlib.evaluate import (
     evaluate,
     evaluate_synset,
     get_protocol,
+    reusable_full_data,
     train_network,
 )
 from ddlib.methods.coreset import select_random
@@ -94,3 +95,17 @@ def test_training_in_bf16_keeps_fp32_weights_and_follows_fp32(digits):
         assert moved > 0 and apart < 0.1 * moved  # bf16 rounding, not a different training
         aparts.append(apart)
     assert max(aparts) > 0  # the passes did run in bf16
+
+
+def test_a_stored_full_data_summary_is_reused_only_when_it_matches():
+    stored = {"model": "convnet", "num_train_images": 60000, "accuracy_mean": 0.98,
+              "protocol": {"name": "course", "epochs": 20}}
+    ask = dict(model="convnet", num_train_images=60000, protocol="course", min_epochs=20)
+    assert reusable_full_data(stored, **ask) == (True, "course protocol, 20 epochs")
+    reuse, why = reusable_full_data(stored, **{**ask, "min_epochs": 21})
+    assert not reuse and "20 epochs, fewer than the 21" in why
+    reuse, why = reusable_full_data(stored, **{**ask, "num_train_images": 10000})
+    assert not reuse and "training images is 60000, not 10000" in why
+    # a hand-written summary without a protocol entry is retrained, not a KeyError
+    reuse, why = reusable_full_data({"model": "convnet", "num_train_images": 60000, "accuracy_mean": 0.98}, **ask)
+    assert not reuse and "protocol is None" in why
