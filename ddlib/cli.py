@@ -26,6 +26,8 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                    help="digits (offline default) | mnist | mhist | cifar10 | imagefolder")
     g.add_argument("--data-root", default=None, help="data folder (default: $DDLIB_DATA, else ./data)")
     g.add_argument("--image-size", type=int, default=None, help="working resolution in pixels (dataset default)")
+    g.add_argument("--zca", action="store_true",
+                   help="ZCA-whiten the images instead of mean/std (as MTT/DATM/PAD do; C*H*W <= 4096)")
 
 
 def _add_eval_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
@@ -243,7 +245,7 @@ def _add_batch_parsers(sub) -> None:
 def _load(args: argparse.Namespace):
     from ddlib.data import load_dataset
 
-    return load_dataset(args.dataset, root=args.data_root, image_size=args.image_size)
+    return load_dataset(args.dataset, root=args.data_root, image_size=args.image_size, zca=args.zca)
 
 
 def _protocol(args: argparse.Namespace, default: str = "dc"):
@@ -448,7 +450,8 @@ def _resume_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     body = load_checked(checkpoint_path(args.resume), "ddlib.Checkpoint", CheckpointError, hint)
     defaults = build_parser().parse_args(["distill"])
     for flag, saved in (("method", body["method"]), ("seed", body["seed"]), ("dataset", body["dataset"]["name"]),
-                        ("image_size", body["dataset"]["image_size"]), ("model", body["config"]["model"])):
+                        ("image_size", body["dataset"]["image_size"]), ("zca", bool(body["dataset"].get("zca"))),
+                        ("model", body["config"]["model"])):
         given = getattr(args, flag)
         if given not in (getattr(defaults, flag), saved):
             raise ValueError(f"the checkpoint in {args.resume} is from a run with --{flag.replace('_', '-')} {saved}, "
@@ -594,7 +597,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     name = made_for.get("name")
     if not name:
         raise ValueError(f"{args.synset} does not say which dataset it was made from; it cannot be evaluated")
-    real = load_dataset(name, root=args.data_root, image_size=made_for.get("image_size"))
+    real = load_dataset(name, root=args.data_root, image_size=made_for.get("image_size"),
+                        zca=bool(made_for.get("zca")))
     stored = synset.meta.get("protocol")
     base = args.protocol or (Protocol(**stored) if isinstance(stored, dict) else "dc")
     protocol = get_protocol(base, epochs=args.eval_epochs)

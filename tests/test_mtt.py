@@ -241,6 +241,28 @@ def test_cli_experts_then_distill(tmp_path, capsys):
                  "--no-random-baseline"]) == 0
 
 
+@pytest.mark.filterwarnings("ignore:.*student lr collapsed:RuntimeWarning")  # tiny experts, 2 iterations
+def test_cli_zca_experts_distill_evaluate_and_resume(tmp_path, capsys):
+    """--zca whitens the data of every command; experts, distillation and evaluation must all agree on it."""
+    from ddlib.cli import main
+
+    experts, out = tmp_path / "experts", tmp_path / "run"
+    common = ["--dataset", "digits", "--image-size", "8", "--seed", "0", "--device", "cpu", "--model", MODEL]
+    assert main(["experts", *common, "--zca", "--num-experts", "1", "--epochs", "2", "--subset", "5",
+                 "--set", "batch_size=32", "--out", str(experts)]) == 0
+    run = ["distill", "--method", "mtt", "--experts", str(experts), *common, "--ipc", "1", "--syn-steps", "2",
+           "--expert-epochs", "1", "--max-start-epoch", "1", "--lr-img", "10", "--no-eval"]
+    assert main([*run, "--iterations", "2", "--out", str(out)]) == 2  # experts whitened, this run not
+    assert "zca=True" in capsys.readouterr().err
+    assert main([*run, "--zca", "--iterations", "2", "--checkpoint-every", "1", "--out", str(out)]) == 0
+    synset = SyntheticSet.load(out / "synset.pt")
+    assert synset.meta["dataset"]["zca"] is True and synset.meta["zca_state"] is not None
+    assert main(["distill", "--resume", str(out), "--iterations", "3", "--no-eval"]) == 0  # keeps --zca
+    assert SyntheticSet.load(out / "synset.pt").meta["iterations"] == 3
+    assert main(["evaluate", str(out / "synset.pt"), "--num-eval", "1", "--eval-epochs", "1",
+                 "--no-random-baseline", "--out", str(tmp_path / "ev")]) == 0  # whitens from the synset's meta
+
+
 def test_a_collapsed_student_lr_is_reported_with_the_reason(digits, experts):
     with pytest.warns(RuntimeWarning, match="iteration 1: the learnable student lr collapsed to 1.0e-09.*lr_teacher"):
         distill("mtt", digits, seed=0, device="cpu", show_progress=False, experts=experts, model=MODEL,
