@@ -289,7 +289,7 @@ def evaluate_full(real: RealSet, *, model: str = "convnet", protocol: str | Prot
 
 def reusable_full_data(summary: dict[str, Any], *, model: str, num_train_images: int, protocol: str,
                        min_epochs: int) -> tuple[bool, str]:
-    """Whether a stored ``evaluate_full(...).summary()`` can stand for a new full-data run, and why not.
+    """Whether a stored ``evaluate_full(...).summary()`` can stand for a new full-data run, and the reason.
 
     It must be the same model, training-set size and protocol name, trained at least ``min_epochs`` epochs
     (a shorter run would lower the full-data line). A summary without these fields (hand-written, or from an
